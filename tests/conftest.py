@@ -1,0 +1,11 @@
+"""Shared test setup: import the flat modules from the repository root and keep torch to the CI's two cores."""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
