@@ -1,0 +1,816 @@
+"""Referring-segmentation data for ETRIS: RefCOCO, RefCOCO+, RefCOCOg (umd / google) and a synthetic set.
+
+Implements the data side of the paper's experiments (Sec. 4.1) exactly as the authors' pipeline
+(CRIS/ETRIS `utils/dataset.py`, `tools/data_process.py`, `tools/refer.py`) does it:
+  - letterbox every image to input_size x input_size by an affine warp (scale = min(S/h, S/w),
+    centred; image: cubic, border = CLIP mean * 255; mask: linear, then /255), RGB, CLIP mean/std;
+  - train picks a random sentence of the ref, val sentence 0, test every sentence;
+  - test keeps what the evaluation needs: the inverse warp, the original size and the mask.
+
+Two on-disk layouts are read, and detected automatically under `root`:
+  REFER release:   <root>/<refcoco|refcoco+|refcocog>/refs(<unc|umd|google>).p + instances.json
+                   masks rasterised on the fly from COCO polygons / RLE (no pycocotools needed)
+  prepared folder: <root>/anns/<dataset>/<split>.json + <root>/masks/<dataset>/<ref_id>.png
+                   (what the authors' tools/data_process.py writes; `prepare` writes it too)
+  both with COCO images in <root>/images/train2014/ (or <root>/train2014/).
+The authors then pack the prepared folder into LMDB with pyarrow.serialize (gone from pyarrow);
+we read the folder directly, the samples are the same.
+
+Samples (dicts; collate stacks tensors and keeps per-image items as lists):
+  every mode  image float32 [3,S,S], ref_id int, index int
+  train       tokens long [L] (a random sentence), mask float32 [1,S,S] (letterboxed, soft edges)
+  val         tokens long [L] (sentence 0), mask, + the test extras below for that one sentence
+  test        tokens long [n_sent, L], sentences list[str], inverse float64 np [2,3] (input -> original
+              coords), orig_size (h, w), orig_mask uint8 np [h,w] in {0,1}
+
+Bad data (missing file, ref without annotation, empty sentence) is found when the dataset is
+built; undecodable images/masks when a sample is loaded. Either raises one error naming the file
+or ref; with skip_bad=True the ref is skipped, recorded in `dataset.bad_samples` and warned about.
+A sample that fails at load time is replaced by the next good index (so a batch keeps its size);
+in DataLoader workers that record lives in the worker's copy, the warning is printed regardless.
+
+CLI:  python dataset.py prepare --root R --data refcoco --out O
+      python dataset.py bench --data synthetic --split train --workers 2 --batch-size 32 --batches 20
+      python dataset.py fake-refer --out /tmp/fake_refer      (a tiny REFER release for tests/benchmarks)
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import random
+import time
+import warnings
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from tokenizer import tokenize
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WORD_LEN = {'refcoco': 17, 'refcoco+': 17, 'refcocog_u': 22, 'refcocog_g': 22, 'synthetic': 17}
+
+# name -> REFER folder, split_by, expected number of refs per split (the authors' `info` table)
+DATASETS = {
+    'refcoco': dict(folder='refcoco', split_by='unc', word_len=17,
+                    splits={'train': 42404, 'val': 3811, 'testA': 1975, 'testB': 1810}),
+    'refcoco+': dict(folder='refcoco+', split_by='unc', word_len=17,
+                     splits={'train': 42278, 'val': 3805, 'testA': 1975, 'testB': 1798}),
+    'refcocog_u': dict(folder='refcocog', split_by='umd', word_len=22,
+                       splits={'train': 42226, 'val': 2573, 'test': 5023}),
+    'refcocog_g': dict(folder='refcocog', split_by='google', word_len=22,
+                       splits={'train': 44822, 'val': 5000}),
+    'synthetic': dict(folder=None, split_by=None, word_len=17,
+                      splits={'train': 2000, 'val': 200, 'test': 200}),
+}
+MODES = ('train', 'val', 'test')
+_BORDER = [m * 255 for m in CLIP_MEAN]  # letterbox padding = the mean colour, i.e. 0 after normalisation
+_MEAN = torch.tensor(CLIP_MEAN).reshape(3, 1, 1)
+_STD = torch.tensor(CLIP_STD).reshape(3, 1, 1)
+
+
+# ----------------------------------------------------------------------------- letterbox transform
+
+def letterbox_matrix(h, w, size):
+    """Affine maps original (h, w) image coords <-> size x size input coords, as the authors' getTransformMat."""
+    scale = min(size / h, size / w)
+    new_h, new_w = h * scale, w * scale
+    bx, by = (size - new_w) / 2., (size - new_h) / 2.
+    # same float32 corner points and cv2 solve as the authors, so the warps agree bit for bit
+    src = np.array([[0, 0], [w, 0], [0, h]], np.float32)
+    dst = np.array([[bx, by], [new_w + bx, by], [bx, new_h + by]], np.float32)
+    return cv2.getAffineTransform(src, dst), cv2.getAffineTransform(dst, src)
+
+
+def _to_input(img_rgb, mask255, size, with_mask):
+    """uint8 RGB [h,w,3] (+ uint8 0/255 mask [h,w]) -> normalised image [3,S,S] (+ soft mask [1,S,S]), mats."""
+    h, w = img_rgb.shape[:2]
+    mat, inv = letterbox_matrix(h, w, size)
+    img = cv2.warpAffine(img_rgb, mat, (size, size), flags=cv2.INTER_CUBIC, borderValue=_BORDER)
+    image = torch.from_numpy(img.transpose(2, 0, 1)).float().div_(255.).sub_(_MEAN).div_(_STD).contiguous()
+    mask = None
+    if with_mask:
+        m = cv2.warpAffine(mask255, mat, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.)
+        mask = torch.from_numpy((m / 255.).astype(np.float32))[None]  # float64 division then cast, as theirs
+    return image, mask, inv
+
+
+def _make_sample(img_rgb, mask255, sentences, ref_id, index, mode, size, word_len):
+    """The sample dict of the contract, shared by the real and the synthetic datasets."""
+    image, mask, inv = _to_input(img_rgb, mask255, size, with_mask=mode != 'test')
+    sample = {'image': image, 'ref_id': int(ref_id), 'index': int(index)}
+    if mode == 'train':
+        # torch's RNG: seeded per DataLoader worker, so the pick is reproducible from the loader seed
+        pick = int(torch.randint(len(sentences), (1,)))
+        sample['tokens'] = tokenize(sentences[pick], word_len, truncate=True)[0]
+        sample['mask'] = mask
+        return sample
+    if mode == 'val':
+        sentences = sentences[:1]
+        sample['tokens'] = tokenize(sentences, word_len, truncate=True)[0]
+        sample['mask'] = mask
+    else:
+        sample['tokens'] = tokenize(sentences, word_len, truncate=True)  # [n_sent, L]
+    sample['sentences'] = list(sentences)
+    sample['inverse'] = inv
+    sample['orig_size'] = tuple(img_rgb.shape[:2])
+    sample['orig_mask'] = (mask255 > 0).astype(np.uint8)
+    return sample
+
+
+# ----------------------------------------------------------------------------- COCO masks (pycocotools' maskApi.c)
+
+def _poly_to_rle(xy, h, w):
+    """RLE counts of one polygon [x0,y0,x1,y1,...], by pycocotools' rleFrPoly scan conversion.
+
+    The boundary is traced at 5x resolution, one y-crossing is kept per pixel column whose centre it
+    passes, and the sorted crossings (column-major positions) become the run lengths.
+    """
+    scale = 5.
+    pts = np.asarray(xy, np.float64).reshape(-1, 2)
+    x = np.trunc(scale * pts[:, 0] + .5).astype(np.int64)  # C's (int) cast truncates
+    y = np.trunc(scale * pts[:, 1] + .5).astype(np.int64)
+    x, y = np.append(x, x[0]), np.append(y, y[0])
+    us, vs = [], []
+    for j in range(len(pts)):
+        xs, xe, ys, ye = int(x[j]), int(x[j + 1]), int(y[j]), int(y[j + 1])
+        dx, dy = abs(xe - xs), abs(ye - ys)
+        flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
+        if flip:  # walk every edge in increasing major coordinate so rounding is symmetric
+            xs, xe, ys, ye = xe, xs, ye, ys
+        if dx >= dy:
+            t = np.arange(dx + 1)
+            t = dx - t if flip else t
+            s = (ye - ys) / dx if dx else 0.  # dx == dy == 0: a repeated vertex, its one point is never used
+            us.append(t + xs)
+            vs.append(np.trunc(ys + s * t + .5).astype(np.int64))
+        else:
+            t = np.arange(dy + 1)
+            t = dy - t if flip else t
+            s = (xe - xs) / dy
+            vs.append(t + ys)
+            us.append(np.trunc(xs + s * t + .5).astype(np.int64))
+    u, v = np.concatenate(us), np.concatenate(vs)
+    step = u[1:] != u[:-1]
+    u1, u0, v1, v0 = u[1:][step], u[:-1][step], v[1:][step], v[:-1][step]
+    xd = (np.where(u1 < u0, u1, u1 - 1) + .5) / scale - .5
+    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= w - 1)
+    yd = np.ceil(np.clip((np.minimum(v1, v0) + .5) / scale - .5, 0, h))
+    a = np.sort(np.append(xd[keep].astype(np.int64) * h + yd[keep].astype(np.int64), h * w))
+    a = np.diff(a, prepend=0).tolist()
+    counts, j = [a[0]], 1
+    while j < len(a):  # a zero gap means two toggles at one pixel: merge the runs around it
+        if a[j] > 0:
+            counts.append(a[j])
+            j += 1
+        else:
+            j += 1
+            if j < len(a):
+                counts[-1] += a[j]
+                j += 1
+    return counts
+
+
+def rle_from_string(s):
+    """Counts of a COCO compressed RLE string (LEB128-like: 5 bits per char + continuation bit, chars 48..111;
+    from the 4th count on, each value is stored as the difference to the count two before)."""
+    counts, p = [], 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(s) or not 48 <= ord(s[p]) <= 111:
+                raise ValueError(f"corrupt compressed RLE string at char {p}: {s[:40]!r}")
+            c = ord(s[p]) - 48
+            x |= (c & 0x1f) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)  # sign-extend negative differences
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x & 0xffffffff)  # C stores uint
+    return counts
+
+
+def rle_to_string(counts):
+    """Inverse of rle_from_string (pycocotools' rleToString)."""
+    out = []
+    for i, x in enumerate(counts):
+        x = int(x) - (int(counts[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            c = x & 0x1f
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return ''.join(out)
+
+
+def rle_decode(counts, h, w):
+    """uint8 {0,1} [h,w] from column-major run lengths starting with a run of zeros."""
+    counts = np.asarray(counts, np.int64)
+    if counts.sum() != h * w or (counts < 0).any():
+        raise ValueError(f"corrupt RLE: counts sum to {counts.sum()}, a {h}x{w} mask needs {h * w}")
+    return np.repeat(np.arange(len(counts), dtype=np.uint8) % 2, counts).reshape(w, h).T.copy()
+
+
+def rle_encode(mask):
+    """Column-major run lengths of a binary [h,w] mask (pycocotools' rleEncode)."""
+    flat = np.asarray(mask, bool).T.ravel()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    edges = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(edges).tolist()
+    return [0] + counts if flat.size and flat[0] else counts
+
+
+def segmentation_to_mask(seg, h, w):
+    """uint8 {0,1} [h,w] mask of a COCO `segmentation` (polygon list, or RLE dict with str or list counts).
+
+    Equals pycocotools' frPyObjects + decode, with several polygons merged by union as REFER's getMask
+    does (it sums them; the authors' png then holds 254 where two polygons of one object overlap).
+    """
+    if isinstance(seg, dict):
+        rh, rw = (int(v) for v in seg['size'])
+        if (rh, rw) != (h, w):
+            raise ValueError(f"RLE size {rh}x{rw} differs from the image's {h}x{w}")
+        counts = seg['counts']
+        if isinstance(counts, bytes):
+            counts = counts.decode('ascii')
+        return rle_decode(rle_from_string(counts) if isinstance(counts, str) else counts, h, w)
+    if not isinstance(seg, list) or not seg:
+        raise ValueError(f"segmentation is neither a polygon list nor an RLE dict: {str(seg)[:80]}")
+    if len(seg[0]) == 4:  # pycocotools reads a list whose first entry has 4 numbers as [x, y, w, h] boxes
+        seg = [[x, y, x, y + bh, x + bw, y + bh, x + bw, y] for x, y, bw, bh in seg]
+    mask = np.zeros((h, w), np.uint8)
+    for poly in seg:
+        mask |= rle_decode(_poly_to_rle(poly, h, w), h, w)
+    return mask
+
+
+# ----------------------------------------------------------------------------- reading the two layouts
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Only builds plain containers and scalars: any class or callable (os.system, ...) is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def load_refs_pickle(path):
+    """The REFER refs(<split_by>).p (a Python 2 pickle of dicts/lists/strings), read without executing code."""
+    with open(path, 'rb') as f:
+        try:
+            return _PlainUnpickler(f, encoding='utf-8').load()
+        except Exception as e:
+            raise ValueError(f"{path}: not a plain REFER refs pickle ({e}); it may hold only dicts, lists, "
+                             "strings and numbers. Download it again from the REFER release.") from None
+
+
+def _image_dir(root):
+    for d in (os.path.join(root, 'images', 'train2014'), os.path.join(root, 'train2014')):
+        if os.path.isdir(d):
+            return d
+    raise FileNotFoundError(f"no COCO train2014 images under {root}: download "
+                            "http://images.cocodataset.org/zips/train2014.zip and unzip it into "
+                            f"{os.path.join(root, 'images')} (giving {os.path.join(root, 'images', 'train2014')})")
+
+
+def detect_layout(root, name, split):
+    """'prepared' if <root>/anns/<name>/<split>.json exists, 'refer' if the REFER release is there."""
+    info = DATASETS[name]
+    if os.path.isfile(os.path.join(root, 'anns', name, f'{split}.json')):
+        return 'prepared'
+    if os.path.isfile(os.path.join(root, info['folder'], f"refs({info['split_by']}).p")):
+        return 'refer'
+    raise FileNotFoundError(
+        f"no {name} data under {root!r}. Put there either the REFER release "
+        f"({info['folder']}/refs({info['split_by']}).p + {info['folder']}/instances.json: download "
+        f"https://bvisionweb1.cs.unc.edu/licheng/referit/data/{info['folder']}.zip and unzip it into {root}) "
+        f"or the prepared folder (anns/{name}/{split}.json + masks/{name}/, written by "
+        f"`python dataset.py prepare`), plus COCO train2014 images in {os.path.join(root, 'images', 'train2014')} "
+        "(http://images.cocodataset.org/zips/train2014.zip).")
+
+
+def _in_split(ref_split, split):
+    # REFER's getRefIds: testA/testB also take testAB..., 'test' takes every test* split
+    if split in ('testA', 'testB', 'testC'):
+        return split[-1] in ref_split
+    if split == 'test':
+        return 'test' in ref_split
+    return ref_split == split
+
+
+def _read_refer(root, name, split):
+    """Records of one split of the REFER release, in the release's order (= the authors' json order)."""
+    info = DATASETS[name]
+    folder = os.path.join(root, info['folder'])
+    refs = load_refs_pickle(os.path.join(folder, f"refs({info['split_by']}).p"))
+    inst_path = os.path.join(folder, 'instances.json')
+    if not os.path.isfile(inst_path):
+        raise FileNotFoundError(f"{inst_path} is missing: it comes with the REFER release "
+                                f"https://bvisionweb1.cs.unc.edu/licheng/referit/data/{info['folder']}.zip")
+    with open(inst_path) as f:
+        inst = json.load(f)
+    images = {im['id']: im for im in inst['images']}
+    anns = {a['id']: a for a in inst['annotations']}
+    img_dir = _image_dir(root)
+    records = []
+    for ref in refs:
+        if not _in_split(ref['split'], split):
+            continue
+        rec = {'ref_id': ref['ref_id'], 'sentences': [s['sent'].strip() for s in ref['sentences']]}
+        ann, im = anns.get(ref['ann_id']), images.get(ref['image_id'])
+        if ann is None:
+            rec['error'] = ValueError(f"ref {ref['ref_id']} points at annotation {ref['ann_id']}, "
+                                      f"which {inst_path} does not have")
+        elif im is None:
+            rec['error'] = ValueError(f"ref {ref['ref_id']} points at image {ref['image_id']}, "
+                                      f"which {inst_path} does not have")
+        else:
+            rec.update(image=os.path.join(img_dir, im['file_name']), size=(im['height'], im['width']),
+                       segmentation=ann['segmentation'], bbox=ann['bbox'], category_id=ref['category_id'],
+                       sent_ids=[s['sent_id'] for s in ref['sentences']])
+        records.append(rec)
+    return records
+
+
+def _read_prepared(root, name, split):
+    """Records of anns/<name>/<split>.json, masks from masks/<name>/<segment_id>.png."""
+    with open(os.path.join(root, 'anns', name, f'{split}.json')) as f:
+        items = json.load(f)
+    img_dir, mask_dir = _image_dir(root), os.path.join(root, 'masks', name)
+    return [{'ref_id': it['segment_id'], 'image': os.path.join(img_dir, it['img_name']),
+             'mask': os.path.join(mask_dir, f"{it['segment_id']}.png"),
+             'sentences': [s['sent'].strip() for s in it['sentences']]} for it in items]
+
+
+def _check_record(rec):
+    """The error that makes a record unusable, found without decoding anything (or None)."""
+    if 'error' in rec:
+        return rec['error']
+    if not rec['sentences'] or any(not s for s in rec['sentences']):
+        return ValueError(f"ref {rec['ref_id']} has an empty sentence: {rec['sentences']!r}")
+    for key in ('image', 'mask'):
+        if key in rec and not os.path.isfile(rec[key]):
+            return FileNotFoundError(f"ref {rec['ref_id']}: {key} file {rec[key]} is missing")
+    return None
+
+
+class RefDataset(Dataset):
+    """One split of RefCOCO/+/g from the REFER release or the prepared folder (layout auto-detected)."""
+
+    def __init__(self, root, name, split, mode, input_size, word_len, skip_bad=False, num_samples=None):
+        self.name, self.split, self.mode = name, split, mode
+        self.input_size, self.word_len, self.skip_bad = input_size, word_len, skip_bad
+        self.layout = detect_layout(root, name, split)
+        records = (_read_refer if self.layout == 'refer' else _read_prepared)(root, name, split)
+        expected = DATASETS[name]['splits'][split]
+        if len(records) != expected:
+            warnings.warn(f"{name} {split}: expected {expected} refs (the paper's split), found "
+                          f"{len(records)} in {root} ({self.layout} layout)")
+        if num_samples is not None:
+            records = records[:num_samples]
+        self.records, self.bad_samples = [], []
+        for rec in records:
+            err = _check_record(rec)
+            if err is None:
+                self.records.append(rec)
+            elif skip_bad:
+                self.bad_samples.append({'ref_id': rec['ref_id'], 'error': str(err)})
+            else:
+                raise err
+        if self.bad_samples:
+            warnings.warn(f"{name} {split}: skipped {len(self.bad_samples)} bad refs of {len(records)} "
+                          f"(dataset.bad_samples); first: {self.bad_samples[0]['error']}")
+        if not self.records:
+            raise ValueError(f"{name} {split}: no usable refs under {root}")
+
+    def __len__(self):
+        return len(self.records)
+
+    def load(self, index):
+        """(uint8 RGB image [h,w,3], uint8 0/255 mask [h,w], sentences) of a record, decoded."""
+        rec = self.records[index]
+        img = cv2.imread(rec['image'], cv2.IMREAD_COLOR)
+        if img is None:
+            raise RuntimeError(f"ref {rec['ref_id']}: image {rec['image']} cannot be decoded (corrupt?)")
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        if 'mask' in rec:
+            mask = cv2.imread(rec['mask'], cv2.IMREAD_GRAYSCALE)
+            if mask is None:
+                raise RuntimeError(f"ref {rec['ref_id']}: mask {rec['mask']} cannot be decoded (corrupt?)")
+        else:
+            if img.shape[:2] != tuple(rec['size']):
+                raise RuntimeError(f"ref {rec['ref_id']}: image {rec['image']} is {img.shape[:2]}, "
+                                   f"instances.json says {tuple(rec['size'])}")
+            try:
+                mask = segmentation_to_mask(rec['segmentation'], *img.shape[:2]) * np.uint8(255)
+            except (ValueError, TypeError, KeyError) as e:
+                raise RuntimeError(f"ref {rec['ref_id']}: bad segmentation ({e})") from None
+        if mask.shape != img.shape[:2]:
+            raise RuntimeError(f"ref {rec['ref_id']}: mask {mask.shape} and image {img.shape[:2]} sizes differ")
+        return img, mask, rec['sentences']
+
+    def __getitem__(self, index):
+        for i in range(len(self.records)):
+            j = (index + i) % len(self.records)
+            try:
+                img, mask, sentences = self.load(j)
+            except RuntimeError as e:
+                if not self.skip_bad:
+                    raise
+                self.bad_samples.append({'ref_id': self.records[j]['ref_id'], 'error': str(e)})
+                warnings.warn(f"skipping bad sample: {e}")
+                continue
+            return _make_sample(img, mask, sentences, self.records[j]['ref_id'], j, self.mode,
+                                self.input_size, self.word_len)
+        raise RuntimeError(f"{self.name} {self.split}: every sample failed to load")
+
+
+# ----------------------------------------------------------------------------- synthetic referring dataset
+
+_SHAPES = ('circle', 'square', 'triangle')
+_COLOURS = {'red': (215, 35, 35), 'green': (40, 175, 60), 'blue': (45, 75, 225),
+            'yellow': (235, 210, 40), 'purple': (150, 60, 190), 'white': (235, 235, 235)}
+_COLOUR_NAMES = tuple(_COLOURS)
+# where an object lies relative to a reference, in units of the image side: beyond _CLEAR it
+# clearly does, within _UNCLEAR it clearly does not; anything between makes the phrase ambiguous
+_CLEAR, _UNCLEAR = 0.12, 0.04
+
+
+def _np(obj, keys, noun=None):
+    """Noun phrase of an object restricted to the attributes `keys`: 'small red circle', 'red shape'."""
+    words = [obj[k] for k in ('size', 'colour') if k in keys]
+    return ' '.join(words + [obj['shape'] if 'shape' in keys else (noun or 'shape')])
+
+
+def _matching(objs, keys, obj):
+    return [o for o in objs if all(o[k] == obj[k] for k in keys)]
+
+
+_FILTERS = [(), ('shape',), ('colour',), ('colour', 'shape'), ('size', 'shape'), ('size', 'colour'),
+            ('size', 'colour', 'shape')]
+_SIDES = {'left': ('cx', -1, 'on the left', 'leftmost', 'left of'),
+          'right': ('cx', 1, 'on the right', 'rightmost', 'right of'),
+          'top': ('cy', -1, 'at the top', 'topmost', 'above'),
+          'bottom': ('cy', 1, 'at the bottom', 'bottom', 'below')}
+
+
+def _expressions(objs, t, side, rnd):
+    """Every phrase this generator can say that picks out objs[t] and no other object."""
+    tgt, out = objs[t], []
+    unique = {}  # the shortest unique description of each object, used for anchors
+    for keys in _FILTERS[1:]:
+        for i, o in enumerate(objs):
+            if i not in unique and _matching(objs, keys, o) == [o]:
+                unique[i] = keys
+    for keys in _FILTERS[1:]:
+        if _matching(objs, keys, tgt) == [tgt]:
+            out.append(f"the {_np(tgt, keys, rnd.choice(('shape', 'object', 'one')))}")
+    for keys in _FILTERS[:3]:
+        group = _matching(objs, keys, tgt)
+        if len(group) < 2:
+            continue
+        others = [o for o in group if o is not tgt]
+        noun = _np(tgt, keys)
+        if tgt['area'] >= 1.5 * max(o['area'] for o in others):
+            out.append(f"the {rnd.choice(('largest', 'biggest'))} {noun}")
+        if 1.5 * tgt['area'] <= min(o['area'] for o in others):
+            out.append(f"the smallest {noun}")
+        for axis, sign, phrase, superl, _ in _SIDES.values():
+            if all(sign * (tgt[axis] - o[axis]) > _CLEAR * side for o in others):
+                out.append(f"the {noun} {phrase}" if rnd.random() < .5 else f"the {superl} {noun}")
+    for a, akeys in unique.items():
+        if a == t:
+            continue
+        anchor = objs[a]
+        for keys in _FILTERS[:4]:
+            group = [o for o in _matching(objs, keys, tgt) if o is not anchor]
+            for axis, sign, _, _, rel in _SIDES.values():
+                d = [sign * (o[axis] - anchor[axis]) for o in group]
+                yes = [o for o, v in zip(group, d) if v > _CLEAR * side]
+                unclear = [v for v in d if _UNCLEAR * side < v <= _CLEAR * side]
+                if yes == [tgt] and not unclear:
+                    out.append(f"the {_np(tgt, keys)} {rel} the {_np(anchor, akeys)}")
+    return out
+
+
+def _draw(canvas, obj, value):
+    cx, cy, r = obj['cx'], obj['cy'], obj['r']
+    if obj['shape'] == 'circle':
+        cv2.circle(canvas, (cx, cy), r, value, -1)
+    elif obj['shape'] == 'square':
+        a = int(round(.85 * r))
+        cv2.rectangle(canvas, (cx - a, cy - a), (cx + a, cy + a), value, -1)
+    else:
+        ang = -np.pi / 2 + np.array([0, 2, 4]) * np.pi / 3
+        pts = np.stack([cx + 1.15 * r * np.cos(ang), cy + 1.15 * r * np.sin(ang)], 1)
+        cv2.fillPoly(canvas, [np.round(pts).astype(np.int32)], value)
+
+
+def synthetic_scene(seed, split, index):
+    """One synthetic referring scene, a pure function of (seed, split, index).
+
+    Returns dict(image uint8 RGB [h,w,3], objects: list of dict(shape, colour, size, cx, cy, r, area,
+    mask uint8 {0,1}), target: index into objects, sentences: 2-3 phrases that each pick out the target
+    and no other object).
+    """
+    # Python's RNG for the many scalar draws (numpy's per-call overhead dominated); str seeds are
+    # hashed with SHA-512, so scenes do not depend on PYTHONHASHSEED
+    rnd = random.Random(f"synthetic-{seed}-{split}-{index}")
+    while True:
+        h, w = rnd.randint(64, 128), rnd.randint(64, 128)
+        side = min(h, w)
+        n = rnd.choices((2, 3, 4, 5), (1, 3, 3, 3))[0]
+        objs = []
+        for _ in range(50 * n):
+            if len(objs) == n:
+                break
+            size = 'large' if rnd.random() < .4 else 'small'
+            r = round(side * (rnd.uniform(.15, .2) if size == 'large' else rnd.uniform(.07, .095)))
+            cx, cy = rnd.randint(r + 2, w - r - 3), rnd.randint(r + 2, h - r - 3)
+            if all(math.hypot(cx - o['cx'], cy - o['cy']) > 1.25 * (r + o['r']) + 2 for o in objs):
+                objs.append(dict(shape=rnd.choice(_SHAPES), colour=rnd.choice(_COLOUR_NAMES),
+                                 size=size, cx=cx, cy=cy, r=r))
+        if len(objs) < 2:
+            continue
+        labels = np.zeros((h, w), np.uint8)  # objects never overlap, so one label map holds every mask
+        for i, o in enumerate(objs):
+            _draw(labels, o, i + 1)
+        for i, o in enumerate(objs):
+            o['mask'] = (labels == i + 1).view(np.uint8)
+            o['area'] = int(np.count_nonzero(o['mask']))
+        order = list(range(len(objs)))
+        rnd.shuffle(order)
+        for t in order:
+            phrases = list(dict.fromkeys(_expressions(objs, t, side, rnd)))
+            if len(phrases) >= 2:
+                break
+        else:
+            continue
+        sentences = rnd.sample(phrases, min(len(phrases), rnd.randint(2, 3)))
+        # a flat background with a little noise and per-object colour jitter: colour words stay exact
+        noise = np.random.default_rng(rnd.getrandbits(64)).integers(-6, 7, (h, w, 1), dtype=np.int16)
+        img = np.clip(np.array([rnd.randint(60, 119) for _ in range(3)], np.int16) + noise, 0, 255).astype(np.uint8)
+        for o in objs:  # drawn with the very call that drew its mask: pixel-exact
+            _draw(img, o, [min(255, max(0, c + rnd.randint(-20, 20))) for c in _COLOURS[o['colour']]])
+        return dict(image=img, objects=objs, target=t, sentences=sentences)
+
+
+class SyntheticRefDataset(Dataset):
+    """Procedural shapes with expressions that only language disambiguates; same samples as RefDataset."""
+
+    def __init__(self, split, mode, input_size, word_len, seed=0, num_samples=None):
+        self.name, self.split, self.mode = 'synthetic', split, mode
+        self.input_size, self.word_len, self.seed = input_size, word_len, seed
+        self.num_samples = DATASETS['synthetic']['splits'][split] if num_samples is None else num_samples
+        self.bad_samples = []
+
+    def __len__(self):
+        return self.num_samples
+
+    def scene(self, index):
+        return synthetic_scene(self.seed, self.split, index)
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} synthetic samples")
+        sc = self.scene(index)
+        mask = sc['objects'][sc['target']]['mask'] * np.uint8(255)
+        return _make_sample(sc['image'], mask, sc['sentences'], index, index, self.mode,
+                            self.input_size, self.word_len)
+
+
+# ----------------------------------------------------------------------------- public builders
+
+def build_dataset(name, split, root=None, input_size=416, word_len=None, mode=None, skip_bad=False,
+                  seed=0, num_samples=None):
+    """A map-style dataset of `name` / `split`; see the module docstring for layouts and sample keys.
+
+    mode: 'train' | 'val' | 'test' (default from the split). num_samples: synthetic split size, or
+    the first N refs of a real split (for quick runs). seed: synthetic only.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    splits = DATASETS[name]['splits']
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r} for {name}; valid: {', '.join(splits)}")
+    mode = mode or {'train': 'train', 'val': 'val'}.get(split, 'test')
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    word_len = word_len or WORD_LEN[name]
+    if name == 'synthetic':
+        return SyntheticRefDataset(split, mode, input_size, word_len, seed, num_samples)
+    if root is None:
+        raise ValueError(f"{name} needs root=: the folder holding the REFER release or the prepared folder")
+    return RefDataset(root, name, split, mode, input_size, word_len, skip_bad, num_samples)
+
+
+_LIST_KEYS = ('sentences', 'inverse', 'orig_size', 'orig_mask')
+
+
+def collate(samples):
+    """Batch dict: fixed-size tensors stacked, ints as a LongTensor, variable-size items as lists."""
+    batch = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        if key in _LIST_KEYS or (key == 'tokens' and vals[0].dim() == 2):  # test tokens: [n_sent, L] each
+            batch[key] = vals
+        elif isinstance(vals[0], torch.Tensor):
+            batch[key] = torch.stack(vals)
+        else:
+            batch[key] = torch.tensor(vals)
+    return batch
+
+
+def _worker_init(worker_id):
+    cv2.setNumThreads(0)  # one decoding thread per worker, as the authors; workers are the parallelism
+
+
+def build_loader(dataset, batch_size, train, workers, distributed=False, seed=0):
+    """DataLoader as the authors': train shuffles and drops the last partial batch, eval keeps order.
+
+    distributed: a DistributedSampler (call loader.sampler.set_epoch(epoch) every epoch).
+    Memory is pinned when CUDA is available; workers persist across epochs.
+    """
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train) if distributed else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                      drop_last=train, persistent_workers=workers > 0,
+                      worker_init_fn=_worker_init if workers > 0 else None, generator=gen)
+
+
+def loader_throughput(dataset, workers, batch_size, n_batches):
+    """Samples per second through build_loader, after one warm-up batch (worker start-up excluded)."""
+    loader = build_loader(dataset, batch_size, train=dataset.mode == 'train', workers=workers)
+    it = iter(loader)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(n_batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        n += len(batch['index'])
+    return n / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- prepare (tools/data_process.py)
+
+def _coco_cat(cat):
+    # the authors' cat_process: COCO's 91 sparse category ids -> 0..79
+    for lo, hi, off in ((1, 11, 1), (13, 25, 2), (27, 28, 3), (31, 44, 5), (46, 65, 6), (67, 67, 7),
+                        (70, 70, 9), (72, 82, 10), (84, 90, 11)):
+        if lo <= cat <= hi:
+            return cat - off
+    return cat
+
+
+def _atomic_write(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, 'wb') as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def prepare(root, dataset, out_dir):
+    """Write the authors' prepared folder (anns/<dataset>/<split>.json, masks/<dataset>/<ref_id>.png)
+    from the REFER release under root. Resumable: masks already written are kept. Images are not
+    copied: <out_dir>/images/train2014 becomes a link to root's images when it does not exist."""
+    from tqdm import tqdm
+    if dataset not in DATASETS or dataset == 'synthetic':
+        raise ValueError(f"cannot prepare {dataset!r}; valid: {', '.join(d for d in DATASETS if d != 'synthetic')}")
+    ann_dir, mask_dir = os.path.join(out_dir, 'anns', dataset), os.path.join(out_dir, 'masks', dataset)
+    os.makedirs(ann_dir, exist_ok=True)
+    os.makedirs(mask_dir, exist_ok=True)
+    img_dir = _image_dir(root)
+    out_img = os.path.join(out_dir, 'images', 'train2014')
+    if not os.path.exists(out_img) and not os.path.isdir(os.path.join(out_dir, 'train2014')):
+        os.makedirs(os.path.dirname(out_img), exist_ok=True)
+        os.symlink(os.path.abspath(img_dir), out_img)
+    for split in DATASETS[dataset]['splits']:
+        records = _read_refer(root, dataset, split)
+        items = []
+        for rec in tqdm(records, desc=f"{dataset} {split}"):
+            err = _check_record(rec)
+            if err is not None:
+                raise err
+            path = os.path.join(mask_dir, f"{rec['ref_id']}.png")
+            if not os.path.isfile(path):
+                h, w = rec['size']
+                png = cv2.imencode('.png', segmentation_to_mask(rec['segmentation'], h, w) * np.uint8(255))[1]
+                _atomic_write(path, png.tobytes())  # a killed run leaves no half-written mask to skip later
+            x, y, bw, bh = rec['bbox']
+            items.append({'bbox': [int(x), int(y), int(x) + int(bw), int(y) + int(bh)],
+                          'cat': _coco_cat(rec['category_id']), 'segment_id': rec['ref_id'],
+                          'img_name': os.path.basename(rec['image']),
+                          'sentences': [{'idx': i, 'sent_id': sid, 'sent': s}
+                                        for i, (sid, s) in enumerate(zip(rec['sent_ids'], rec['sentences']))],
+                          'sentences_num': len(rec['sentences'])})
+        _atomic_write(os.path.join(ann_dir, f'{split}.json'), json.dumps(items).encode())
+
+
+# ----------------------------------------------------------------------------- a tiny fake REFER release
+
+def fake_refer_release(root, dataset='refcoco', n_images=8, refs_per_image=2, size=(480, 640), seed=0):
+    """Write a small REFER-format release (refs pickle, instances.json, JPEGs) under root.
+
+    Annotations cycle through polygon (sometimes two polygons), compressed RLE and uncompressed RLE;
+    refs cycle through the dataset's splits. Returns the list of refs written.
+    """
+    info = DATASETS[dataset]
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img_dir = os.path.join(root, 'images', 'train2014')
+    folder = os.path.join(root, info['folder'])
+    os.makedirs(img_dir, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
+    splits = list(info['splits'])
+    images, anns, refs = [], [], []
+    for i in range(n_images):
+        img_id = 1000 + i
+        name = f'COCO_train2014_{img_id:012d}.jpg'
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([(xx * 255 // w), (yy * 255 // h), np.full_like(xx, 90)], -1).astype(np.float64)
+        img = np.clip(img + rng.normal(0, 15, img.shape), 0, 255).astype(np.uint8)
+        for j in range(refs_per_image):
+            k = len(anns)
+            cx, cy = rng.uniform(.2, .8) * w, rng.uniform(.2, .8) * h
+            rad = rng.uniform(.08, .18) * min(h, w)
+            ang = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 12))))
+            poly = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).round(2).ravel().tolist()
+            seg = [poly]
+            if k % 4 == 3:  # a second, disjoint part
+                seg.append([cx + rad * 1.2, cy, cx + rad * 1.6, cy, cx + rad * 1.4, cy + rad * .5])
+            if k % 3 == 1:
+                seg = {'size': [h, w], 'counts': rle_to_string(rle_encode(segmentation_to_mask(seg, h, w)))}
+            elif k % 3 == 2:
+                seg = {'size': [h, w], 'counts': rle_encode(segmentation_to_mask(seg, h, w))}
+            m = segmentation_to_mask(seg, h, w)
+            colour = rng.integers(0, 256, 3).tolist()
+            img[m > 0] = colour
+            ys, xs = np.nonzero(m)
+            bbox = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
+            cat = int(rng.integers(1, 91))
+            anns.append({'id': 5000 + k, 'image_id': img_id, 'category_id': cat, 'segmentation': seg,
+                         'area': float(m.sum()), 'bbox': bbox, 'iscrowd': int(isinstance(seg, dict))})
+            sents = [{'sent_id': 9000 + 3 * k + s, 'sent': f' object {k} number {s} ', 'raw': f'Object {k} #{s}',
+                      'tokens': ['object', str(k), 'number', str(s)]} for s in range(1 + k % 3)]
+            refs.append({'ref_id': 100 + k, 'ann_id': 5000 + k, 'image_id': img_id, 'category_id': cat,
+                         'split': splits[k % len(splits)], 'sentences': sents,
+                         'sent_ids': [s['sent_id'] for s in sents], 'file_name': name.replace('.jpg', f'_{k}.jpg')})
+        cv2.imwrite(os.path.join(img_dir, name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        images.append({'id': img_id, 'file_name': name, 'height': h, 'width': w})
+    with open(os.path.join(folder, f"refs({info['split_by']}).p"), 'wb') as f:
+        pickle.dump(refs, f, protocol=2)
+    with open(os.path.join(folder, 'instances.json'), 'w') as f:
+        cats = [{'id': c, 'name': f'category {c}'} for c in range(1, 91)]
+        json.dump({'images': images, 'annotations': anns, 'categories': cats}, f)
+    return refs
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    sub = p.add_subparsers(dest='cmd', required=True)
+    pp = sub.add_parser('prepare', help='write anns/ + masks/ from the REFER release')
+    pp.add_argument('--root', required=True)
+    pp.add_argument('--data', required=True, choices=[d for d in DATASETS if d != 'synthetic'])
+    pp.add_argument('--out', required=True)
+    pb = sub.add_parser('bench', help='loader samples/s')
+    pb.add_argument('--data', default='synthetic', choices=list(DATASETS))
+    pb.add_argument('--root')
+    pb.add_argument('--split', default='train')
+    pb.add_argument('--mode')
+    pb.add_argument('--input-size', type=int, default=416)
+    pb.add_argument('--workers', type=int, default=2)
+    pb.add_argument('--batch-size', type=int, default=16)
+    pb.add_argument('--batches', type=int, default=20)
+    pf = sub.add_parser('fake-refer', help='write a tiny fake REFER release')
+    pf.add_argument('--out', required=True)
+    pf.add_argument('--data', default='refcoco', choices=[d for d in DATASETS if d != 'synthetic'])
+    pf.add_argument('--images', type=int, default=8)
+    pf.add_argument('--refs-per-image', type=int, default=2)
+    args = p.parse_args()
+    if args.cmd == 'prepare':
+        prepare(args.root, args.data, args.out)
+    elif args.cmd == 'bench':
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # a fake release has other split sizes than the paper's
+            ds = build_dataset(args.data, args.split, root=args.root, input_size=args.input_size, mode=args.mode)
+        rate = loader_throughput(ds, args.workers, args.batch_size, args.batches)
+        per_worker = f" ({rate / args.workers:.1f} per worker)" if args.workers else " (in-process)"
+        print(f"{args.data} {args.split} mode={ds.mode} S={args.input_size} workers={args.workers} "
+              f"batch={args.batch_size}: {rate:.1f} samples/s{per_worker}")
+    else:
+        refs = fake_refer_release(args.out, args.data, args.images, args.refs_per_image)
+        print(f"wrote {len(refs)} refs on {args.images} images under {args.out}")
+
+
+if __name__ == '__main__':
+    main()
