@@ -2,7 +2,11 @@
 import os
 import sys
 
-import torch
+# Busy-waiting OpenMP threads make tiny ops crawl when the two cores are shared with subprocesses
+# (the DDP and kill/resume tests); must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -1,0 +1,180 @@
+"""
+The ETRIS decoder (paper Sec. 3.3, Fig. 2 right), as in the authors' code (itself from CRIS):
+HA, the hierarchical alignment neck that fuses the three visual maps with the sentence vector into one
+stride-16 map; GA, the global alignment transformer decoder that lets every pixel read the words; and the
+Projector, which turns the sentence vector into a dynamic 3x3 kernel applied to the stride-4 pixel features
+(the "text-to-pixel" alignment trained with BCE). Names follow the authors' `neck`, `decoder`, `proj`.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bridger import InteractorT, MultiheadAttention
+
+
+def conv_bn_relu(in_dim, out_dim, kernel_size=1, padding=0, stride=1):
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, kernel_size, stride, padding, bias=False),
+                         nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True))
+
+
+def deconv_bn_relu(in_dim, out_dim, kernel_size=1, stride=1):
+    return nn.Sequential(nn.ConvTranspose2d(in_dim, out_dim, kernel_size, stride, bias=False),
+                         nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True))
+
+
+class CoordConv(nn.Module):
+    """3x3 conv+BN+ReLU over the input with two extra channels: x and y in [-1, 1]."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.conv1 = conv_bn_relu(in_dim + 2, out_dim, 3, 1)
+
+    def forward(self, x):  # [B, C, H, W] -> [B, C', H, W]
+        B, _, H, W = x.shape
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype),
+                                torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype), indexing="ij")
+        coords = torch.stack([xs, ys]).expand(B, -1, -1, -1)  # [B, 2, H, W]
+        return self.conv1(torch.cat([x, coords], dim=1))
+
+
+class HA(nn.Module):
+    """Hierarchical alignment neck: each visual map goes to `dim` channels at stride 16 (strided conv /
+    transposed conv), is gated by the projected sentence vector (InteractorT), and the three are merged."""
+
+    def __init__(self, in_dims, state_dim, dim=512, strides=(1, 1, 1), heads=8):
+        super().__init__()
+        self.fusion3 = InteractorT(dim, heads)
+        self.fusion4 = InteractorT(dim, heads)
+        self.fusion5 = InteractorT(dim, heads)
+        self.txt_proj = nn.Linear(state_dim, dim)
+        self.f3_proj = conv_bn_relu(in_dims[0], dim, strides[0], 0, strides[0])
+        self.f4_proj = conv_bn_relu(in_dims[1], dim, strides[1], 0, strides[1])
+        self.f5_proj = deconv_bn_relu(in_dims[2], dim, strides[2], strides[2])
+        self.aggr = conv_bn_relu(3 * dim, dim, 1, 0)
+        self.coordconv = nn.Sequential(CoordConv(dim, dim), conv_bn_relu(dim, dim, 3, 1))
+
+    def forward(self, maps, state):
+        """maps: 3 x [B, C_i, h_i, w_i], state [B, E] -> [B, dim, S/16, S/16]"""
+        txt = self.txt_proj(state).unsqueeze(1)  # [B, 1, dim]
+        fused = []
+        for proj, fusion, x in zip((self.f3_proj, self.f4_proj, self.f5_proj),
+                                   (self.fusion3, self.fusion4, self.fusion5), maps):
+            x = proj(x)  # [B, dim, h, w]
+            B, C, H, W = x.shape
+            x = fusion(x.flatten(2).transpose(1, 2), txt)  # [B, hw, dim]
+            fused.append(x.transpose(1, 2).reshape(B, C, H, W))
+        return self.coordconv(self.aggr(torch.cat(fused, dim=1)))
+
+
+def sine_pos_1d(dim, length):
+    """Transformer sine/cosine encoding: [length, dim], even channels sin, odd channels cos."""
+    if dim % 2:
+        raise ValueError(f"1-D sine position encoding needs an even width, got {dim}")
+    pos = torch.arange(length, dtype=torch.float).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float) * -(math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe
+
+
+def sine_pos_2d(dim, height, width):
+    """2-D sine encoding as CRIS: the first half of the channels encodes x, the second half y, each
+    interleaving sin/cos. Returns [height*width, dim], row-major over (y, x)."""
+    if dim % 4:
+        raise ValueError(f"2-D sine position encoding needs a width divisible by 4, got {dim}")
+    half = dim // 2
+    freq = torch.exp(torch.arange(0.0, half, 2) * -(math.log(10000.0) / half))  # [half/2]
+    px = torch.arange(0.0, width).unsqueeze(1) * freq  # [W, half/2]
+    py = torch.arange(0.0, height).unsqueeze(1) * freq  # [H, half/2]
+    pe = torch.zeros(height, width, dim)
+    pe[:, :, 0:half:2] = torch.sin(px).unsqueeze(0)
+    pe[:, :, 1:half:2] = torch.cos(px).unsqueeze(0)
+    pe[:, :, half::2] = torch.sin(py).unsqueeze(1)
+    pe[:, :, half + 1::2] = torch.cos(py).unsqueeze(1)
+    return pe.reshape(height * width, dim)
+
+
+class GALayer(nn.Module):
+    """Pre-norm decoder layer: pixel self-attention (2-D position on q, k), cross-attention to the words
+    (1-D position on keys, padded words masked), FFN with an inner LayerNorm. Every branch output is
+    normalised again before its residual add."""
+
+    def __init__(self, dim=512, heads=8, ffn_dim=512, dropout=0.1):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(dim)
+        self.cross_attn_norm = nn.LayerNorm(dim)
+        self.self_attn = MultiheadAttention(dim, heads, dropout)
+        self.multihead_attn = MultiheadAttention(dim, heads, dropout)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                 nn.LayerNorm(ffn_dim), nn.Linear(ffn_dim, dim))
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = dropout
+
+    def forward(self, vis, txt, vis_pos, txt_pos, pad_mask):
+        """vis [B, HW, D], txt [B, L, D], vis_pos [HW, D], txt_pos [L, D], pad_mask [B, L] -> [B, HW, D]"""
+        p = self.dropout if self.training else 0.0
+        x = self.norm1(vis)
+        q = x + vis_pos
+        vis = vis + F.dropout(self.self_attn_norm(self.self_attn(q, q, x)), p)
+        x = self.norm2(vis)
+        x = self.multihead_attn(x + vis_pos, txt + txt_pos, txt, key_padding_mask=pad_mask)
+        vis = vis + F.dropout(self.cross_attn_norm(x), p)
+        return vis + F.dropout(self.ffn(self.norm3(vis)), p)
+
+
+class GA(nn.Module):
+    """Global alignment: a stack of GALayers and a final LayerNorm."""
+
+    def __init__(self, num_layers=3, dim=512, heads=8, ffn_dim=512, dropout=0.1):
+        super().__init__()
+        self.layers = nn.ModuleList([GALayer(dim, heads, ffn_dim, dropout) for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(dim)
+        self._pos = {}  # (kind, size, device, dtype) -> encoding; a cache, so not in the state dict
+
+    def position(self, kind, dim, size, ref):
+        key = (kind, dim, size, ref.device, ref.dtype)
+        if key not in self._pos:
+            pe = sine_pos_2d(dim, *size) if kind == "2d" else sine_pos_1d(dim, size)
+            self._pos[key] = pe.to(device=ref.device, dtype=ref.dtype)
+        return self._pos[key]
+
+    def forward(self, vis, txt, pad_mask):
+        """vis [B, C, H, W], txt [B, L, C], pad_mask [B, L] (True at padding) -> [B, C, H, W]"""
+        B, C, H, W = vis.shape
+        vis_pos = self.position("2d", C, (H, W), vis)
+        txt_pos = self.position("1d", txt.shape[-1], txt.shape[1], txt)
+        x = vis.flatten(2).transpose(1, 2)  # [B, HW, C]
+        for layer in self.layers:
+            x = layer(x, txt, vis_pos, txt_pos, pad_mask)
+        return self.norm(x).transpose(1, 2).reshape(B, C, H, W)
+
+
+class Projector(nn.Module):
+    """Stride 16 -> 4 pixel features (two bilinear x2 + conv steps, 1x1 conv to dim channels) and a
+    per-sample dynamic 3x3 conv whose kernel and bias come from the sentence vector."""
+
+    def __init__(self, state_dim, dim=256, kernel_size=3):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.vis = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            conv_bn_relu(dim * 2, dim * 2, 3, padding=1),
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            conv_bn_relu(dim * 2, dim, 3, padding=1),
+            nn.Conv2d(dim, dim, 1))
+        self.txt = nn.Linear(state_dim, dim * kernel_size * kernel_size + 1)
+
+    def forward(self, x, state):
+        """x [B, 2*dim, h, w], state [B, E] -> logits [B, 1, 4h, 4w]"""
+        x = self.vis(x)  # [B, dim, 4h, 4w]
+        B, C, H, W = x.shape
+        kernel = self.txt(state)  # [B, dim*k*k + 1]
+        weight = kernel[:, :-1].reshape(B, C, self.kernel_size, self.kernel_size)
+        # one group per sample: sample b's pixels are convolved with sample b's kernel only
+        out = F.conv2d(x.reshape(1, B * C, H, W), weight, kernel[:, -1], padding=self.kernel_size // 2, groups=B)
+        return out.transpose(0, 1)  # [B, 1, H, W]

@@ -1,0 +1,263 @@
+"""ETRIS model tests: golden parity with the authors' code, the paper's Bridger sizes, freezing, checkpoints
+(ours and the authors' DDP format), bad input, ablation flags and the loss. Tiny CLIPs only (seconds)."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bridger import Bridger, Interactor, InteractorT, Zoom
+from clip_loader import tiny_clip_state_dict
+from loss import segmentation_loss
+from model import (BACKBONES, build_model, checkpoint_state_dict, format_parameter_counts, load_checkpoint,
+                   parameter_counts)
+from parity_fill import fill_
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+SIZE, WORD_LEN = 64, 17
+
+
+def tokens_for(batch=2, word_len=WORD_LEN, lengths=(15, 4)):
+    """sot, a few word ids, eot, zero padding (one sentence fills word_len when lengths[0] = word_len - 2)."""
+    g = torch.Generator().manual_seed(7)
+    t = torch.zeros(batch, word_len, dtype=torch.long)
+    for b, n in enumerate(lengths[:batch]):
+        t[b, 0], t[b, n + 1] = 49406, 49407
+        t[b, 1:n + 1] = torch.randint(1, 49405, (n,), generator=g)
+    return t
+
+
+def images_for(batch=2, size=SIZE):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def clip_rn():
+    return tiny_clip_state_dict("RN", seed=0)
+
+
+@pytest.fixture(scope="module")
+def clip_vit():
+    return tiny_clip_state_dict("ViT", seed=0)
+
+
+def tiny(backbone, sd, **kw):
+    torch.manual_seed(0)
+    return build_model(backbone, clip_weights=sd, input_size=SIZE, word_len=WORD_LEN, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("fixture", ["parity_vit.pt", "parity_rn.pt"])
+def test_golden_parity_with_authors_code(fixture):
+    """The authors' model (their code, run once by a script outside the repo) and ours, both with every
+    tensor filled by tests/parity_fill.py, give the same logits in fp32 eval mode."""
+    ref = torch.load(os.path.join(FIXTURES, fixture))
+    sd = {k: torch.zeros(s, dtype=getattr(torch, ref["clip_dtypes"][k].split(".")[1]))
+          for k, s in ref["clip_shapes"].items()}
+    net = build_model("tiny-ViT" if ref["case"] == "tinyvit" else "tiny-RN", clip_weights=sd,
+                      input_size=ref["input_size"], word_len=ref["word_len"])
+    # same module tree as the authors': every name and shape of their state dict, nothing more
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == ref["state_shapes"]
+    assert parameter_counts(net)["bridger"] == ref["bridger_params"]
+    fill_(net)
+    with torch.no_grad():
+        logits = net.eval()(ref["images"], ref["tokens"])
+    assert logits.shape == ref["logits"].shape == (2, 1, ref["input_size"] // 4, ref["input_size"] // 4)
+    assert (logits - ref["logits"]).abs().max().item() <= 1e-4
+    assert ref["logits"].abs().max().item() > 1.0  # the comparison is not between near-zero maps
+
+
+def test_bridger_parameter_counts_match_paper():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    vit = Bridger(True, (768, 768, 768), 512, dim=64, heads=8, strides=(1, 1, 1))  # ViT-B/16 widths
+    rn = Bridger(False, (512, 1024, 2048), 512, dim=64, heads=4, strides=(2, 1, 2))  # RN50/RN101 widths
+    assert count(vit) == 598_592
+    assert count(rn) == 1_942_080
+    # hidden size 32 (hand count: 6 attentions 4,224 + text projections 3x33,312 + zooms 3x50,752 + 4 LNs 64)
+    assert count(Bridger(True, (768,) * 3, 512, dim=32, heads=8)) == 277_792
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def test_gradients_reach_only_trainable_parameters(clip_rn):
+    net = tiny("tiny-RN", clip_rn).train()
+    trainable = {k for k, p in net.named_parameters() if p.requires_grad}
+    backbone_trainable = {k for k in trainable if k.startswith("backbone.")}
+    assert backbone_trainable == {"backbone.positional_embedding", "backbone.visual.attnpool.positional_embedding"}
+    assert all(k.startswith(("bridger.", "neck.", "decoder.", "proj.")) for k in trainable - backbone_trainable)
+    logits = net(images_for(), tokens_for())
+    segmentation_loss(logits, (torch.rand(2, 1, SIZE, SIZE) > 0.5).float()).backward()
+    for k, p in net.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, k
+        else:
+            assert p.grad is None, k
+
+
+@pytest.mark.parametrize("frozen_bn_stats", [False, True])
+def test_adam_step_leaves_frozen_tensors_identical(clip_rn, frozen_bn_stats):
+    net = tiny("tiny-RN", clip_rn, frozen_bn_stats=frozen_bn_stats).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    segmentation_loss(net(images_for(), tokens_for()), torch.ones(2, 1, SIZE, SIZE)).backward()
+    opt.step()
+    after = net.state_dict()
+    for k, p in net.named_parameters():
+        assert torch.equal(before[k], after[k]) != p.requires_grad, k  # frozen: bit-identical; trained: moved
+    stats = [k for k in before if k.startswith("backbone.") and k.endswith(("running_mean", "running_var"))]
+    assert stats  # stem, bottlenecks, attnpool.connect
+    moved = [k for k in stats if not torch.equal(before[k], after[k])]
+    # the authors keep the frozen ResNet's BN layers in train mode: their running statistics move
+    assert moved == ([] if frozen_bn_stats else stats)
+    # the decoder side's BN statistics move either way
+    assert not torch.equal(before["neck.aggr.1.running_mean"], after["neck.aggr.1.running_mean"])
+    assert net.backbone.visual.bn1.training == (not frozen_bn_stats)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def test_authors_checkpoint_format_loads_strictly(clip_vit, tmp_path):
+    src = tiny("tiny-ViT", clip_vit)
+    fill_(src)
+    path = tmp_path / "best_model.pth"
+    # their train.py: torch.save of a dict whose 'state_dict' is a DDP model's (keys 'module.*'), next to
+    # the optimizer and the MultiStepLR state (its milestones are a collections.Counter)
+    opt = torch.optim.Adam([p for p in src.parameters() if p.requires_grad], lr=1e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[35], gamma=0.1)
+    torch.save({"epoch": 3, "best_iou": 0.5, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, path)
+    dst = tiny("tiny-ViT", clip_vit)
+    ckpt = load_checkpoint(dst, str(path))
+    assert ckpt["epoch"] == 3
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+    x, t = images_for(), tokens_for()
+    with torch.no_grad():
+        assert torch.equal(src.eval()(x, t), dst.eval()(x, t))
+
+
+def test_checkpoint_that_pickles_code_is_refused(clip_vit, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "extra": Payload()}, path)
+    with pytest.raises(RuntimeError, match="evil.pth"):
+        load_checkpoint(tiny("tiny-ViT", clip_vit), str(path))
+
+
+def test_checkpoint_state_dict_round_trip(clip_rn):
+    net = tiny("tiny-RN", clip_rn).train()
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    segmentation_loss(net(images_for(), tokens_for()), torch.ones(2, 1, SIZE, SIZE)).backward()
+    opt.step()  # moves trainable tensors and BN statistics away from a fresh build
+    saved = checkpoint_state_dict(net)
+    trainable = {k for k, p in net.named_parameters() if p.requires_grad}
+    buffers = {k for k, _ in net.named_buffers()}
+    connect = {k for k in net.state_dict() if ".attnpool.connect." in k}
+    assert set(saved) == trainable | buffers | connect
+    assert "backbone.visual.layer1.0.conv1.weight" not in saved  # frozen CLIP: reloaded from clip_weights
+    fresh = tiny("tiny-RN", clip_rn)
+    load_checkpoint(fresh, {"state_dict": saved})
+    x, t = images_for(), tokens_for()
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x, t), fresh.eval()(x, t))
+
+
+def test_checkpoint_of_other_family_is_refused_naming_keys(clip_rn, clip_vit):
+    vit_ckpt = checkpoint_state_dict(tiny("tiny-ViT", clip_vit))
+    with pytest.raises(RuntimeError, match=r"unexpected keys: .*backbone\.visual\.(class_embedding|positional_embedding)"):
+        load_checkpoint(tiny("tiny-RN", clip_rn), vit_ckpt)
+    rn = tiny("tiny-RN", clip_rn)
+    bad = checkpoint_state_dict(rn)
+    bad["proj.txt.bias"] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match=r"shape mismatches: proj\.txt\.bias \(3,\) vs model"):
+        load_checkpoint(rn, bad)
+    del bad["proj.txt.bias"]
+    with pytest.raises(RuntimeError, match=r"missing keys: proj\.txt\.bias"):
+        load_checkpoint(rn, bad)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_checkpoint(rn, "/nonexistent/nowhere.pth")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_bad_input_errors(clip_rn, clip_vit):
+    net = tiny("tiny-RN", clip_rn)
+    with pytest.raises(ValueError, match="word_len=17"):
+        net(images_for(), tokens_for(word_len=18))
+    with pytest.raises(ValueError, match=r"valid backbones are ViT-B/16, RN50, RN101, tiny-ViT, tiny-RN"):
+        build_model("ViT-L/14", clip_weights=clip_vit)
+    with pytest.raises(ValueError, match="ViT but the CLIP weights given are a ResNet"):
+        build_model("tiny-ViT", clip_weights=clip_rn, input_size=SIZE)
+    with pytest.raises(ValueError, match="zoom"):
+        tiny("tiny-RN", clip_rn, zoom="pool")
+    # shorter token sequences are fine (the causal mask is cut to L)
+    assert net.eval()(images_for(), tokens_for(word_len=10, lengths=(8, 4))).shape == (2, 1, 16, 16)
+    assert BACKBONES == ("ViT-B/16", "RN50", "RN101", "tiny-ViT", "tiny-RN")
+
+
+# ---------------------------------------------------------------------------------------------- ablations
+
+def test_ablation_flags(clip_rn, clip_vit):
+    x, t = images_for(), tokens_for()
+    base = tiny("tiny-ViT", clip_vit)
+    counts = parameter_counts(base)
+    assert counts["total"] == counts["frozen"] + counts["trainable"]
+    assert counts["trainable"] == counts["bridger"] + counts["decoder"] + 64 * 77 + 64 * 17  # + text/visual pos
+    assert "bridger" in format_parameter_counts(counts) and f"{counts['bridger']:,}" in format_parameter_counts(counts)
+    fill_(base)
+    with torch.no_grad():
+        ref = base.eval()(x, t)
+
+    # no Bridger: no Bridger parameters, plain CLIP features feed the same decoder
+    plain = tiny("tiny-ViT", clip_vit, bridger=False)
+    assert parameter_counts(plain)["bridger"] == 0 and not any(k.startswith("bridger.") for k in plain.state_dict())
+    assert plain.config["bridger"] is False
+    fill_(plain)
+    with torch.no_grad():
+        out = plain.eval()(x, t)
+    assert out.shape == ref.shape and (out - ref).abs().max() > 1e-3
+
+    # hidden size: 32 instead of 64 shrinks every Bridger layer
+    small = tiny("tiny-ViT", clip_vit, ladder_dim=32)
+    assert small.bridger.linear1["0"].out_features == 32
+    assert parameter_counts(small)["bridger"] < counts["bridger"]
+
+    # stages: only stages 1 and 2 bridged, stage 2 normalised with stage 1's fused input as the authors' do
+    late = tiny("tiny-RN", clip_rn, bridger_stages=(1, 2))
+    keys = {k.split(".")[1] + "." + k.split(".")[2] for k in late.state_dict() if k.startswith("bridger.")}
+    assert {"zoom_in.1", "zoom_in.2", "ln_v.1", "ln_t.1"} <= keys
+    assert not {"zoom_in.0", "linear1.0", "fusion_v.0", "ln_v.0"} & keys
+    assert late(x, t).shape == (2, 1, 16, 16)
+
+    # zoom variants: conv (BN+ReLU for ViT, bare for ResNet), or per-pixel linear / MLP with resampling
+    assert isinstance(base.bridger.zoom_in["0"][0], nn.Conv2d) and isinstance(base.bridger.zoom_in["2"][0], nn.ConvTranspose2d)
+    assert isinstance(tiny("tiny-RN", clip_rn).bridger.zoom_in["0"], nn.Conv2d)
+    assert isinstance(base.bridger.fusion_v["0"], InteractorT)
+    assert isinstance(tiny("tiny-RN", clip_rn).bridger.fusion_v["0"], Interactor)
+    for kind, rn_modules in (("linear", 1), ("mlp", 2)):
+        net = tiny("tiny-RN", clip_rn, zoom=kind)
+        zoom = net.bridger.zoom_in["0"]
+        assert isinstance(zoom, Zoom) and sum(isinstance(m, nn.Linear) for m in zoom.modules()) == rn_modules
+        assert net(x, t).shape == (2, 1, 16, 16)
+    # RN zoom strides 2,1,2: every stage fuses at layer3's resolution (stride 16)
+    z = Zoom(128, 64, 64, stride=2, up=False, kind="linear")
+    assert z(torch.randn(1, 128, 8, 8)).shape == (1, 64, 4, 4)
+    assert Zoom(512, 64, 64, stride=2, up=True, kind="mlp")(torch.randn(1, 512, 2, 2)).shape == (1, 64, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+def test_segmentation_loss_matches_independent_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 4, 4, generator=g)
+    mask = torch.rand(2, 1, 16, 16, generator=g)
+    # nearest downsampling by 4 picks source pixel floor(i * 16 / 4) = 4i
+    target = mask[:, :, ::4, ::4]
+    p = torch.sigmoid(logits.double())
+    expected = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    assert abs(segmentation_loss(logits, mask).item() - expected.item()) < 1e-6
+    assert torch.equal(segmentation_loss(logits, target), F.binary_cross_entropy_with_logits(logits, target))
