@@ -131,12 +131,12 @@ def _describe(keys, limit=8):
     return ", ".join(keys[:limit]) + more
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
     """torch.load without running arbitrary pickled code. The authors' files also pickle their
     MultiStepLR state, whose milestones are a collections.Counter: the one non-tensor type allowed."""
     with torch.serialization.safe_globals([collections.Counter]):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:
             raise RuntimeError(f"cannot read checkpoint {path}: not a torch checkpoint, or it pickles "
                                f"objects other than tensors and plain containers ({e})") from None

@@ -1,0 +1,99 @@
+"""
+Segment the object a sentence refers to in one image, with the same preprocessing (letterbox to the input
+size, CLIP normalisation) and post-processing (the test protocol of evaluate.py: sigmoid, bicubic
+upsampling, inverse letterbox warp, threshold 0.35) as training and evaluation.
+
+    python predict.py --checkpoint exp/refcoco/ViT-B-16/best.pth --image photo.jpg --text "the man on the left"
+
+writes photo_mask.png (0/255, original resolution) and photo_overlay.png. From Python:
+
+    from predict import predict
+    mask = predict("best.pth", "photo.jpg", "the man on the left")   # bool [H, W]
+"""
+import argparse
+import os
+
+import cv2
+import numpy as np
+import torch
+
+from dataset import CLIP_MEAN, CLIP_STD, letterbox_matrix
+from evaluate import add_caption, load_model, masks_to_original, overlay
+from tokenizer import tokenize
+
+
+def read_image(image):
+    """A path (any format OpenCV reads) or an RGB uint8 array [H,W,3] / gray [H,W] -> RGB uint8 [H,W,3]."""
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"image {os.fspath(image)!r} not found")
+        bgr = cv2.imread(os.fspath(image), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"image {os.fspath(image)!r} could not be decoded: not an image OpenCV can read")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise ValueError(f"image array must be uint8 RGB [H,W,3] (or gray [H,W], RGBA [H,W,4]); got "
+                         f"{image.dtype} {image.shape}")
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def preprocess(rgb, input_size):
+    """RGB uint8 [H,W,3] -> normalised letterboxed tensor [3,S,S] and the inverse matrix [2,3], like dataset.py."""
+    h, w = rgb.shape[:2]
+    mat, inverse = letterbox_matrix(h, w, input_size)
+    border = [255.0 * m for m in CLIP_MEAN]
+    img = cv2.warpAffine(rgb, np.asarray(mat, np.float64), (input_size, input_size), flags=cv2.INTER_CUBIC,
+                         borderValue=border)
+    img = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
+    img = (img - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    return img, np.asarray(inverse, np.float64)
+
+
+@torch.no_grad()
+def predict(net_or_checkpoint, image, text, threshold=0.35, device=None, backbone=None, clip_weights=None):
+    """Bool mask [H, W] at the image's original resolution. `net_or_checkpoint`: an ETRIS net (its
+    .config gives input size and word length) or a checkpoint path (see evaluate.load_model)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text is empty: give the referring expression to segment, e.g. 'the man on the left'")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(net_or_checkpoint, torch.nn.Module):
+        net = net_or_checkpoint.to(device).eval()
+    else:
+        net = load_model(net_or_checkpoint, backbone=backbone, clip_weights=clip_weights, device=device)
+    rgb = read_image(image)
+    size, word_len = net.config["input_size"], net.config["word_len"]
+    img, inverse = preprocess(rgb, size)
+    tokens = tokenize(text, context_length=word_len, truncate=True)  # [1, L]
+    logits = net(img[None].to(device), tokens.to(device))  # [1, 1, S/4, S/4]
+    return masks_to_original(logits, [inverse], [rgb.shape[:2]], size, threshold)[0]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Segment what a sentence refers to in an image with ETRIS.")
+    p.add_argument("--checkpoint", required=True, help="our checkpoint (best.pth) or an authors' release")
+    p.add_argument("--image", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--backbone", default=None, help="authors' checkpoints only: ViT-B/16 | RN50 | RN101")
+    p.add_argument("--clip-weights", default=None, help="CLIP archive (default: resolved by backbone name)")
+    p.add_argument("--threshold", type=float, default=0.35)
+    p.add_argument("--out-dir", default=".", help="where <image>_mask.png and <image>_overlay.png go")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+
+    rgb = read_image(args.image)
+    mask = predict(args.checkpoint, rgb, args.text, args.threshold, args.device, args.backbone, args.clip_weights)
+    stem = os.path.splitext(os.path.basename(args.image))[0]
+    os.makedirs(args.out_dir, exist_ok=True)
+    mask_path = os.path.join(args.out_dir, f"{stem}_mask.png")
+    overlay_path = os.path.join(args.out_dir, f"{stem}_overlay.png")
+    cv2.imwrite(mask_path, mask.astype(np.uint8) * 255)
+    cv2.imwrite(overlay_path, add_caption(overlay(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), mask), args.text))
+    print(f"{mask.mean() * 100:.1f}% of the image selected; wrote {mask_path} and {overlay_path}")
+    return mask
+
+
+if __name__ == "__main__":
+    main()
