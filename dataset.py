@@ -85,14 +85,15 @@ def letterbox_matrix(h, w, size):
     return cv2.getAffineTransform(src, dst), cv2.getAffineTransform(dst, src)
 
 
-def _to_input(img_rgb, mask255, size, with_mask):
-    """uint8 RGB [h,w,3] (+ uint8 0/255 mask [h,w]) -> normalised image [3,S,S] (+ soft mask [1,S,S]), mats."""
+def to_input(img_rgb, size, mask255=None):
+    """uint8 RGB [h,w,3] (+ uint8 0/255 mask [h,w]) -> normalised letterboxed image [3,S,S], soft mask
+    [1,S,S] (None without a mask) and the inverse matrix [2,3]. Also used by predict.py for user images."""
     h, w = img_rgb.shape[:2]
     mat, inv = letterbox_matrix(h, w, size)
     img = cv2.warpAffine(img_rgb, mat, (size, size), flags=cv2.INTER_CUBIC, borderValue=_BORDER)
     image = torch.from_numpy(img.transpose(2, 0, 1)).float().div_(255.).sub_(_MEAN).div_(_STD).contiguous()
     mask = None
-    if with_mask:
+    if mask255 is not None:
         m = cv2.warpAffine(mask255, mat, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.)
         mask = torch.from_numpy((m / 255.).astype(np.float32))[None]  # float64 division then cast, as theirs
     return image, mask, inv
@@ -100,7 +101,7 @@ def _to_input(img_rgb, mask255, size, with_mask):
 
 def _make_sample(img_rgb, mask255, sentences, ref_id, index, mode, size, word_len):
     """The sample dict of the contract, shared by the real and the synthetic datasets."""
-    image, mask, inv = _to_input(img_rgb, mask255, size, with_mask=mode != 'test')
+    image, mask, inv = to_input(img_rgb, size, mask255 if mode != 'test' else None)
     sample = {'image': image, 'ref_id': int(ref_id), 'index': int(index)}
     if mode == 'train':
         # torch's RNG: seeded per DataLoader worker, so the pick is reproducible from the loader seed

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from dataset import CLIP_MEAN, CLIP_STD, letterbox_matrix
+from dataset import to_input
 from evaluate import add_caption, load_model, masks_to_original, overlay
 from tokenizer import tokenize
 
@@ -40,18 +40,6 @@ def read_image(image):
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def preprocess(rgb, input_size):
-    """RGB uint8 [H,W,3] -> normalised letterboxed tensor [3,S,S] and the inverse matrix [2,3], like dataset.py."""
-    h, w = rgb.shape[:2]
-    mat, inverse = letterbox_matrix(h, w, input_size)
-    border = [255.0 * m for m in CLIP_MEAN]
-    img = cv2.warpAffine(rgb, np.asarray(mat, np.float64), (input_size, input_size), flags=cv2.INTER_CUBIC,
-                         borderValue=border)
-    img = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
-    img = (img - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-    return img, np.asarray(inverse, np.float64)
-
-
 @torch.no_grad()
 def predict(net_or_checkpoint, image, text, threshold=0.35, device=None, backbone=None, clip_weights=None):
     """Bool mask [H, W] at the image's original resolution. `net_or_checkpoint`: an ETRIS net (its
@@ -65,7 +53,7 @@ def predict(net_or_checkpoint, image, text, threshold=0.35, device=None, backbon
         net = load_model(net_or_checkpoint, backbone=backbone, clip_weights=clip_weights, device=device)
     rgb = read_image(image)
     size, word_len = net.config["input_size"], net.config["word_len"]
-    img, inverse = preprocess(rgb, size)
+    img, _, inverse = to_input(rgb, size)
     tokens = tokenize(text, context_length=word_len, truncate=True)  # [1, L]
     logits = net(img[None].to(device), tokens.to(device))  # [1, 1, S/4, S/4]
     return masks_to_original(logits, [inverse], [rgb.shape[:2]], size, threshold)[0]
