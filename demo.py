@@ -1,0 +1,283 @@
+"""
+Demo: ETRIS end to end on the built-in synthetic referring dataset, on the CPU, in minutes.
+
+    python demo.py                 # the full demo (README numbers): train, evaluate, overlays, baselines
+    python demo.py --quick         # a reduced run (tests/test_demo.py)
+
+1. Frozen encoder. ETRIS (paper Sec. 3) adapts a frozen CLIP. With --clip-weights the demo uses that file.
+   Without it no CLIP weights are assumed on disk (OpenAI's ViT-B/16 is 335 MB and far too slow for a CPU
+   demo), so a small CLIP-shaped model is used (ViT: width 64, 6 blocks, patch 8 at 64 px; text: width 64,
+   6 blocks; OpenAI's tokenizer and key names), saved as a plain CLIP state dict and loaded exactly like
+   OpenAI's weights (clip_loader.load_clip_state_dict). By default it stays randomly initialised: measured on
+   this data, pre-training it first with CLIP's contrastive loss on synthetic image-caption pairs
+   (--pretrain-steps N, the file is reused if present) speeds up the first few hundred ETRIS steps but gives
+   no gain by 1000 steps, while costing a third of the time budget.
+2. ETRIS training on the synthetic train split through train.py's main (the real code path).
+3. Evaluation of the last checkpoint on the synthetic val split (every sentence) through evaluate.py's main,
+   which also writes a few prediction overlays (red: prediction, green outline: ground truth).
+4. Language at work: the same model given another scene's sentence, and guesses that never read the sentence
+   (an object picked by a fixed rule, all objects, the whole image), scored with the same protocol.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+import evaluate
+import train
+from clip_loader import CLIP
+from dataset import build_dataset, collate, synthetic_scene, to_input
+from tokenizer import tokenize
+
+# the synthetic scenes the CLIP pre-training sees: another generator seed than ETRIS's train/val scenes
+PRETRAIN_SCENE_SEED = 1000
+CAPTION_LEN = 32  # "large red circle, small blue square, ..." for up to 5 objects
+
+
+def tiny_clip(input_size, seed=0):
+    """The demo's CLIP-shaped encoder pair, randomly initialised (OpenAI's init). Patch 8 rather than
+    ViT-B/16's 16: at a 64 px input it keeps small objects a few tokens wide."""
+    if input_size % 8:
+        raise ValueError(f"--input-size must be a multiple of the tiny ViT's patch size 8, got {input_size}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIP(embed_dim=64, vision_layers=6, vision_width=64, vision_patch_size=8,
+                    vision_grid=input_size // 8, context_length=77, vocab_size=49408, transformer_width=64,
+                    transformer_heads=1, transformer_layers=6, word_len=CAPTION_LEN)
+
+
+def caption(scene):
+    """Every object of a scene, left to right: 'large red circle, small blue square, small white triangle'."""
+    objs = sorted(scene['objects'], key=lambda o: o['cx'])
+    return ', '.join(f"{o['size']} {o['colour']} {o['shape']}" for o in objs)
+
+
+def caption_batch(start, batch_size, input_size):
+    """Letterboxed, CLIP-normalised images [B, 3, S, S] and caption tokens [B, CAPTION_LEN]."""
+    scenes = [synthetic_scene(PRETRAIN_SCENE_SEED, 'train', i) for i in range(start, start + batch_size)]
+    images = torch.stack([to_input(scene['image'], input_size)[0] for scene in scenes])
+    texts = [caption(scene) for scene in scenes]
+    return images, tokenize(texts, CAPTION_LEN), texts
+
+
+def retrieval_accuracy(clip, images, tokens, texts):
+    """Image -> caption top-1 accuracy (a hit when the retrieved caption reads the same as the true one)."""
+    with torch.no_grad():
+        logits, _ = clip(images, tokens)
+    return float(np.mean([texts[j] == texts[i] for i, j in enumerate(logits.argmax(1).tolist())]))
+
+
+def pretrain_clip(path, input_size, steps, batch_size=64, lr=1e-3, seed=0):
+    """CLIP's symmetric contrastive loss on synthetic (image, caption) pairs; saves CLIP's state dict."""
+    clip = tiny_clip(input_size, seed)
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.05)
+    held_out = caption_batch(10 ** 7, 128, input_size)  # far beyond the pairs trained on
+    labels = torch.arange(batch_size)
+    t0 = time.time()
+    for step in range(steps):
+        images, tokens, _ = caption_batch(step * batch_size, batch_size, input_size)
+        for g in opt.param_groups:  # cosine decay to 0
+            g['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        logits_per_image, logits_per_text = clip(images, tokens)
+        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))  # as OpenAI's training
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            print(f"  clip step {step + 1}/{steps}: loss {loss.item():.3f}, held-out image->caption top-1 "
+                  f"{100 * retrieval_accuracy(clip, *held_out):.1f}% ({time.time() - t0:.0f}s)", flush=True)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    torch.save(clip.state_dict(), path)
+    return 100 * retrieval_accuracy(clip, *held_out)
+
+
+# -----------------------------------------------------------------------------
+# language at work
+
+class OtherSentence(Dataset):
+    """Test-mode samples whose sentences are those of the next scene: what the model does with the wrong text."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = dict(self.dataset[index])
+        other = self.dataset[(index + 1) % len(self.dataset)]
+        sample['tokens'], sample['sentences'] = other['tokens'], other['sentences']
+        return sample
+
+
+def text_blind_baselines(num_samples, seed=0):
+    """mIoU/oIoU (evaluate.summarize) of guesses that never read the sentence, over the same (ref, sentence)
+    pairs as evaluate.py on the synthetic val split, at the original resolution."""
+    from evaluate import iou_stats, summarize
+    rng = np.random.default_rng(seed)
+    centre = lambda o, h, w: (o['cx'] - w / 2) ** 2 + (o['cy'] - h / 2) ** 2
+    rules = {
+        'random object': lambda objs, h, w: objs[int(rng.integers(len(objs)))]['mask'],
+        'largest object': lambda objs, h, w: max(objs, key=lambda o: o['area'])['mask'],
+        'smallest object': lambda objs, h, w: min(objs, key=lambda o: o['area'])['mask'],
+        'most central object': lambda objs, h, w: min(objs, key=lambda o: centre(o, h, w))['mask'],
+        'all objects': lambda objs, h, w: np.any([o['mask'] for o in objs], axis=0),
+        'whole image': lambda objs, h, w: np.ones((h, w), bool),
+    }
+    stats = {name: ([], []) for name in rules}
+    for index in range(num_samples):
+        scene = synthetic_scene(seed, 'val', index)
+        objs, (h, w) = scene['objects'], scene['image'].shape[:2]
+        gt = objs[scene['target']]['mask']
+        for name, rule in rules.items():
+            inter, union = iou_stats(rule(objs, h, w), gt)
+            for _ in scene['sentences']:  # one guess per scene, scored once per sentence like the model
+                stats[name][0].append(inter)
+                stats[name][1].append(union)
+    return {name: summarize(*s) for name, s in stats.items()}
+
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="ETRIS demo on synthetic data (CPU, minutes).")
+    p.add_argument('--output', default='exp/demo', help="folder for the CLIP file, checkpoints, overlays, results")
+    p.add_argument('--clip-weights', default=None,
+                   help="a ViT CLIP file (OpenAI archive or state dict) to use instead of the tiny one")
+    p.add_argument('--input-size', type=int, default=64)
+    p.add_argument('--pretrain-steps', type=int, default=0,
+                   help="contrastive pre-training steps (batch 64) of the tiny CLIP; 0: keep it random (measured: "
+                        "no gain at equal ETRIS steps, see the README)")
+    p.add_argument('--steps', type=int, default=1500, help="ETRIS optimizer steps")
+    p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--lr', type=float, default=1e-3)
+    p.add_argument('--train-samples', type=int, default=8000)
+    p.add_argument('--val-samples', type=int, default=200)
+    p.add_argument('--visualize', type=int, default=8, help="overlay PNGs to write")
+    p.add_argument('--threads', type=int, default=1,
+                   help="torch CPU threads. 1 by default: on a shared 2-core machine 2 OpenMP threads ran 8-20x "
+                        "slower per step than 1 whenever another process kept a core busy")
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--quick', action='store_true', help="reduced run for the tests (fewer steps and samples)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.train_samples, args.val_samples = 120, 960, 48
+        args.visualize = min(args.visualize, 2)
+    if args.clip_weights and args.pretrain_steps:
+        p.error("--clip-weights and --pretrain-steps exclude each other")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)  # callers (the tests) get their setting back
+
+
+def run(args):
+    out = os.path.abspath(args.output)
+    os.makedirs(out, exist_ok=True)
+    times, t0 = {}, time.time()
+
+    # 1. the frozen CLIP
+    if args.clip_weights:
+        clip_path = os.path.abspath(args.clip_weights)
+        print(f"[1/4] CLIP weights: {clip_path}")
+    elif args.pretrain_steps == 0:
+        clip_path = os.path.join(out, 'tiny_clip_random.pt')
+        torch.save(tiny_clip(args.input_size, args.seed).state_dict(), clip_path)
+        print(f"[1/4] no CLIP weights given: using a small CLIP-shaped backbone (ViT width 64, 6 blocks, patch 8; "
+              f"text width 64, 6 blocks), randomly initialised and frozen -> {clip_path}")
+    else:
+        clip_path = os.path.join(out, f'tiny_clip_pretrained{args.pretrain_steps}.pt')
+        if os.path.isfile(clip_path):
+            print(f"[1/4] no CLIP weights given: reusing the small CLIP-shaped backbone pre-trained earlier, "
+                  f"{clip_path}")
+        else:
+            print(f"[1/4] no CLIP weights given: using a small CLIP-shaped backbone (ViT width 64, 6 blocks, "
+                  f"patch 8; text width 64, 6 blocks), pre-trained contrastively on synthetic image-caption "
+                  f"pairs for {args.pretrain_steps} steps -> {clip_path}", flush=True)
+            acc = pretrain_clip(clip_path, args.input_size, args.pretrain_steps, seed=args.seed)
+            print(f"  held-out image->caption top-1: {acc:.1f}%")
+    times['clip'] = time.time() - t0
+
+    # 2. ETRIS training (train.py), one epoch = train_samples // batch_size steps
+    t1 = time.time()
+    run_dir = os.path.join(out, 'etris')
+    steps_per_epoch = args.train_samples // args.batch_size
+    epochs = math.ceil(args.steps / steps_per_epoch)
+    print(f"[2/4] training ETRIS: {args.steps} steps of {args.batch_size} ({epochs} epochs of "
+          f"{args.train_samples} synthetic refs), frozen CLIP from {clip_path}", flush=True)
+    if os.path.isfile(os.path.join(run_dir, 'metrics.jsonl')):
+        os.remove(os.path.join(run_dir, 'metrics.jsonl'))
+    train.main(['--data', 'synthetic', '--backbone', 'tiny-ViT', '--clip-weights', clip_path,
+                '--input-size', str(args.input_size), '--epochs', str(epochs), '--max-steps', str(args.steps),
+                '--milestones', str(max(1, round(0.8 * epochs))), '--batch-size', str(args.batch_size),
+                '--lr', str(args.lr), '--train-samples', str(args.train_samples),
+                '--val-samples', str(args.val_samples), '--workers', '0', '--device', 'cpu',
+                '--seed', str(args.seed), '--output', run_dir, '--log-every', '25'])
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        history = [json.loads(line) for line in f]
+    times['train'] = time.time() - t1
+
+    # 3. evaluation of the last checkpoint, every sentence of the val split, overlays
+    t2 = time.time()
+    print(f"[3/4] evaluating on the synthetic val split ({args.val_samples} refs, every sentence)", flush=True)
+    ckpt = os.path.join(run_dir, 'last.pth')
+    metrics = evaluate.main([
+        '--data', 'synthetic', '--split', 'val', '--checkpoint', ckpt, '--num-samples', str(args.val_samples),
+        '--visualize', str(args.visualize), '--workers', '0', '--batch-size', '16', '--device', 'cpu',
+        '--output', os.path.join(out, 'eval_val.json')])
+    times['evaluate'] = time.time() - t2
+
+    # 4. language at work
+    t3 = time.time()
+    print("[4/4] text-blind baselines and the model given another scene's sentence", flush=True)
+    net = evaluate.load_model(ckpt, device='cpu')
+    val = build_dataset('synthetic', 'val', input_size=net.config['input_size'], word_len=net.config['word_len'],
+                        mode='test', num_samples=args.val_samples, seed=args.seed)
+    loader = evaluate.shard_loader(OtherSentence(val), 16, 0, collate)
+    wrong = evaluate.evaluate(net, loader, torch.device('cpu'))
+    wrong.pop('per_sample')
+    blind = text_blind_baselines(args.val_samples, args.seed)
+    best_blind = max(blind, key=lambda k: blind[k]['mIoU'])
+    times['baselines'] = time.time() - t3
+    times['total'] = time.time() - t0
+
+    results = {
+        'clip_weights': clip_path, 'args': vars(args),
+        'train_loss_per_epoch': [r['train_loss'] for r in history],
+        'val_sentence0_mIoU_per_epoch': [r['val_mIoU'] for r in history],
+        'val': metrics, 'other_sentence': wrong, 'text_blind': blind,
+        'best_text_blind': {'rule': best_blind, **blind[best_blind]}, 'seconds': times,
+    }
+    with open(os.path.join(out, 'demo_results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    vis_dir = os.path.join(run_dir, 'vis_synthetic_val')
+    print("\n=== ETRIS demo (synthetic val split, every sentence; IoU in %) ===")
+    print(f"train loss per epoch:           {' '.join(f'{x:.4f}' for x in results['train_loss_per_epoch'])}")
+    print(f"ETRIS:                          mIoU {metrics['mIoU']:6.2f}  oIoU {metrics['oIoU']:6.2f}  "
+          f"Prec@0.5 {metrics['Prec@0.5']:6.2f}  (n={metrics['n']})")
+    print(f"ETRIS, another scene's text:    mIoU {wrong['mIoU']:6.2f}  oIoU {wrong['oIoU']:6.2f}")
+    for name, m in blind.items():
+        print(f"text-blind, {name + ':':<21} mIoU {m['mIoU']:6.2f}  oIoU {m['oIoU']:6.2f}")
+    print(f"best text-blind guess:          {best_blind} (mIoU {blind[best_blind]['mIoU']:.2f})")
+    print(f"overlays: {vis_dir}   results: {os.path.join(out, 'demo_results.json')}")
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    return results
+
+
+if __name__ == '__main__':
+    main()
