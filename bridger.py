@@ -13,6 +13,7 @@ All tensors here are batch first: [B, L, D] sequences, [B, C, H, W] maps.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ZOOM_KINDS = ("conv", "linear", "mlp")
 
@@ -127,6 +128,8 @@ class Bridger(nn.Module):
         if not set(stages) <= {0, 1, 2}:
             raise ValueError(f"bridger stages {tuple(stages)} must be a subset of (0, 1, 2)")
         self.vit, self.stages = vit, tuple(sorted(set(stages)))
+        # recompute the frozen CLIP blocks in backward instead of storing their activations (ETRIS.checkpoint_backbone)
+        self.checkpoint_blocks = False
         # ModuleDicts keyed '0'..'2' give the authors' names (zoom_in.0.*) and leave out unbridged stages
         self.zoom_in, self.zoom_out = nn.ModuleDict(), nn.ModuleDict()
         self.linear1, self.linear2 = nn.ModuleDict(), nn.ModuleDict()
@@ -164,11 +167,20 @@ class Bridger(nn.Module):
             t = self.ln_t[str(i - 1)](t + last[1])
         last = (v, t)
         v, t = self.fusion_v[s](v, t), self.fusion_t[s](t, v)
-        v = self.zoom_out[s](v.transpose(1, 2).reshape(B, d, h, w))  # [B, C, H, W]
+        # maps are made NCHW-contiguous: a transposed [B, hw, d] view has channels-last strides, which sends the
+        # convs down the channels-last path (about 2x slower backward on CPU); --channels-last opts in instead
+        v = self.zoom_out[s](v.transpose(1, 2).reshape(B, d, h, w).contiguous())  # [B, C, H, W]
         return v, self.linear2[s](t), last
 
-    def forward(self, images, tokens, clip):
-        """images [B, 3, S, S], tokens [B, L] -> ([3 maps [B, C_i, h_i, w_i]], words [B, L, Dt], state [B, E])"""
+    def run(self, block, x):
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward(self, images, tokens, clip, image_index=None):
+        """images [B, 3, S, S], tokens [B, L] -> ([3 maps [B, C_i, h_i, w_i]], words [B, L, Dt], state [B, E]).
+        image_index [B] (optional): images is then [N, 3, S, S] and row b reads images[image_index[b]]; the
+        visual stream before the first bridge does not see the text, so it runs once per image."""
         visual = clip.visual
         txt = clip.embed_text(tokens)  # [B, L, Dt]
         txt_blocks = clip.transformer.resblocks
@@ -183,19 +195,21 @@ class Bridger(nn.Module):
         outs, last = [], None
         for i in range(3):
             for block in txt_blocks[len(txt_blocks) // 3 * i: len(txt_blocks) // 3 * (i + 1)]:
-                txt = block(txt)
+                txt = self.run(block, txt)
             if self.vit:
                 for block in vis_blocks[len(vis_blocks) // 3 * i: len(vis_blocks) // 3 * (i + 1)]:
-                    vis = block(vis)
-                vmap = vis[:, 1:].transpose(1, 2).reshape(vis.shape[0], -1, gh, gw)  # patch tokens [B, C, gh, gw]
+                    vis = self.run(block, vis)
             else:
-                vis = vis_layers[i](vis)
-                vmap = vis
+                vis = self.run(vis_layers[i], vis)
+            if i == 0 and image_index is not None:  # one row per sentence from here on
+                vis = vis[image_index]
+            # ViT: patch tokens [B, C, gh, gw]
+            vmap = vis[:, 1:].transpose(1, 2).reshape(vis.shape[0], -1, gh, gw).contiguous() if self.vit else vis
             if i in self.stages:
                 dv, dt, last = self.bridge(i, vmap, txt, last)
                 txt = txt + dt
-                if self.vit:  # the class token is left as is
-                    vis = torch.cat([vis[:, :1], vis[:, 1:] + dv.flatten(2).transpose(1, 2)], dim=1)
+                if self.vit:  # the class token is left as is (a zero row padded in front)
+                    vis = vis + F.pad(dv.flatten(2).transpose(1, 2), (0, 0, 1, 0))
                     vmap = vmap + dv
                 else:
                     vis = vmap = vis + dv
@@ -203,7 +217,7 @@ class Bridger(nn.Module):
                 outs.append(vmap)
         if self.vit:
             vis = visual.ln_post(vis[:, 1:]) @ visual.proj  # [B, gh*gw, E]
-            outs.append(vis.transpose(1, 2).reshape(vis.shape[0], -1, gh, gw))
+            outs.append(vis.transpose(1, 2).reshape(vis.shape[0], -1, gh, gw).contiguous())
         else:
             outs.append(visual.attnpool(vis))  # [B, E, S/32, S/32]
         words = clip.ln_final(txt)  # [B, L, Dt]

@@ -208,7 +208,7 @@ class AttentionPool2d(nn.Module):
         pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
         x = (x + pos.to(x.dtype)).flatten(2).transpose(1, 2)  # [B, hw, C]
         x = multihead_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
-        x = self.c_proj(x).transpose(1, 2).reshape(B, -1, h, w)  # [B, out, h, w]
+        x = self.c_proj(x).transpose(1, 2).reshape(B, -1, h, w).contiguous()  # [B, out, h, w], NCHW for the convs
         return F.relu(x + res)
 
 

@@ -30,12 +30,19 @@ class CoordConv(nn.Module):
     def __init__(self, in_dim, out_dim):
         super().__init__()
         self.conv1 = conv_bn_relu(in_dim + 2, out_dim, 3, 1)
+        self._coords = {}  # (H, W, device, dtype) -> [1, 2, H, W]; a cache, so not in the state dict
+
+    def coords(self, H, W, ref):
+        key = (H, W, ref.device, ref.dtype)
+        if key not in self._coords:
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=ref.device, dtype=ref.dtype),
+                                    torch.linspace(-1, 1, W, device=ref.device, dtype=ref.dtype), indexing="ij")
+            self._coords[key] = torch.stack([xs, ys]).unsqueeze(0)
+        return self._coords[key]
 
     def forward(self, x):  # [B, C, H, W] -> [B, C', H, W]
         B, _, H, W = x.shape
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype),
-                                torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype), indexing="ij")
-        coords = torch.stack([xs, ys]).expand(B, -1, -1, -1)  # [B, 2, H, W]
+        coords = self.coords(H, W, x).expand(B, -1, -1, -1)  # [B, 2, H, W]
         return self.conv1(torch.cat([x, coords], dim=1))
 
 
@@ -64,7 +71,7 @@ class HA(nn.Module):
             x = proj(x)  # [B, dim, h, w]
             B, C, H, W = x.shape
             x = fusion(x.flatten(2).transpose(1, 2), txt)  # [B, hw, dim]
-            fused.append(x.transpose(1, 2).reshape(B, C, H, W))
+            fused.append(x.transpose(1, 2).reshape(B, C, H, W).contiguous())  # NCHW for the convs (see bridger.py)
         return self.coordconv(self.aggr(torch.cat(fused, dim=1)))
 
 
@@ -151,7 +158,7 @@ class GA(nn.Module):
         x = vis.flatten(2).transpose(1, 2)  # [B, HW, C]
         for layer in self.layers:
             x = layer(x, txt, vis_pos, txt_pos, pad_mask)
-        return self.norm(x).transpose(1, 2).reshape(B, C, H, W)
+        return self.norm(x).transpose(1, 2).reshape(B, C, H, W).contiguous()  # NCHW for the convs (see bridger.py)
 
 
 class Projector(nn.Module):

@@ -69,12 +69,24 @@ class ETRIS(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, images, tokens):
+    def checkpoint_backbone(self, enabled=True):
+        """Activation checkpointing of the frozen CLIP blocks (ViT/text blocks, ResNet layers): their
+        activations are recomputed in backward instead of kept, for memory; same numbers. Off by default."""
+        self.bridger.checkpoint_blocks = enabled
+        return self
+
+    def forward(self, images, tokens, image_index=None):
+        """image_index [B] (optional, for evaluating several sentences per image): images is [N, 3, S, S] and
+        sentence b is segmented in images[image_index[b]]; same logits as repeating the images, with the
+        text-independent first third of the visual encoder run once per image."""
         if tokens.dim() != 2 or tokens.shape[1] > self.word_len:
             raise ValueError(f"tokens must be [B, L] with L <= word_len={self.word_len}, got {tuple(tokens.shape)}: "
                              f"tokenize with context_length=word_len")
+        if image_index is not None and image_index.shape != tokens.shape[:1]:
+            raise ValueError(f"image_index must have one entry per token row ({tokens.shape[0]}), "
+                             f"got shape {tuple(image_index.shape)}")
         pad_mask = tokens == 0  # [B, L]
-        maps, words, state = self.bridger(images, tokens, self.backbone)
+        maps, words, state = self.bridger(images, tokens, self.backbone, image_index)
         x = self.neck(maps, state)  # [B, D, S/16, S/16]
         x = self.decoder(x, words, pad_mask)
         return self.proj(x, state)  # [B, 1, S/4, S/4]
