@@ -118,9 +118,11 @@ def evaluate(net, loader, device, threshold=0.35, interpolation="bicubic", visua
     for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
         tokens = _sentence_tokens(batch)
         counts = [t.shape[0] for t in tokens]
-        # one row per (ref, sentence): the Bridger mixes text into the visual stream, so images are repeated
-        images = torch.repeat_interleave(batch["image"], torch.tensor(counts), dim=0).to(device)
-        logits = net(images, torch.cat(tokens).to(device))  # [N_pairs, 1, S/4, S/4]
+        # one row per (ref, sentence); the visual stream before the first Bridger stage is text-independent,
+        # so it runs once per image (image_index), then per sentence
+        images = batch["image"].to(device)
+        image_index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+        logits = net(images, torch.cat(tokens).to(device), image_index=image_index)  # [N_pairs, 1, S/4, S/4]
         rows = [(i, s) for i, n in enumerate(counts) for s in range(n)]
         masks = masks_to_original(logits, [batch["inverse"][i] for i, _ in rows],
                                   [batch["orig_size"][i] for i, _ in rows], images.shape[-1],

@@ -248,7 +248,7 @@ def main(argv=None):
         if distributed else net
 
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr,
-                                 weight_decay=args.weight_decay)
+                                 weight_decay=args.weight_decay, **({"fused": True} if use_cuda else {}))
     scheduler = MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
 
