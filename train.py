@@ -56,6 +56,8 @@ def parse_args(argv=None):
     g.add_argument("--no-bridger", action="store_true", help="ablation: no Bridger (frozen CLIP features only)")
     g.add_argument("--zoom", default="conv", help="Bridger zoom layers (ablation)")
     g.add_argument("--frozen-bn-stats", action="store_true", help="keep the ResNet BN running stats frozen")
+    g.add_argument("--checkpoint-backbone", action="store_true",
+                   help="recompute the frozen CLIP blocks in backward instead of storing them (less memory, same numbers)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=50)
     g.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch, split across processes")
@@ -231,6 +233,7 @@ def main(argv=None):
                       word_len=args.word_len, ladder_dim=args.ladder_dim, bridger=not args.no_bridger,
                       bridger_stages=tuple(args.bridger_stages), zoom=args.zoom,
                       frozen_bn_stats=args.frozen_bn_stats)
+    net.checkpoint_backbone(args.checkpoint_backbone)
     if ck is not None:
         old = {k: v for k, v in ck["config"]["net"].items() if k != "clip_weights"}
         new = {k: v for k, v in net.config.items() if k != "clip_weights"}
