@@ -15,35 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from clip_loader import MultiheadAttention
+
 ZOOM_KINDS = ("conv", "linear", "mlp")
-
-
-class MultiheadAttention(nn.Module):
-    """nn.MultiheadAttention's parameters (packed in_proj_weight/in_proj_bias, out_proj) and init, batch
-    first, computed with scaled_dot_product_attention. Dropout acts on the attention weights, as torch's."""
-
-    def __init__(self, dim, heads, dropout=0.0):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
-        self.heads, self.dropout = heads, dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, query, key, value, key_padding_mask=None):
-        # query [B, Lq, D], key/value [B, Lk, D], key_padding_mask [B, Lk] bool, True = ignore
-        B, Lq, D = query.shape
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q).view(B, Lq, self.heads, -1).transpose(1, 2)  # [B, h, Lq, D/h]
-        k = F.linear(key, w_k, b_k).view(B, key.shape[1], self.heads, -1).transpose(1, 2)
-        v = F.linear(value, w_v, b_v).view(B, value.shape[1], self.heads, -1).transpose(1, 2)
-        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(x.transpose(1, 2).reshape(B, Lq, D))
 
 
 class InteractorT(nn.Module):

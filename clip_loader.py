@@ -50,31 +50,44 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def multihead_attention(q, k, v, n_head, attn_mask=None):
+def multihead_attention(q, k, v, n_head, attn_mask=None, dropout_p=0.0):
     """Scaled dot-product attention over already projected q [B, Lq, D], k, v [B, Lk, D]."""
     B, Lq, D = q.shape
     q, k, v = (t.reshape(B, t.shape[1], n_head, D // n_head).transpose(1, 2) for t in (q, k, v))
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, Lq, D/h]
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # [B, h, Lq, D/h]
     return x.transpose(1, 2).reshape(B, Lq, D)
 
 
-class MultiheadSelfAttention(nn.Module):
-    """Self-attention with nn.MultiheadAttention's parameter names, batch-first."""
+class MultiheadAttention(nn.Module):
+    """nn.MultiheadAttention's parameters (packed in_proj_weight/in_proj_bias, out_proj) and init, batch
+    first. CLIP's blocks use it for self-attention; the Bridger and the decoder give it a separate key and
+    value. Dropout acts on the attention weights, as torch's."""
 
-    def __init__(self, d_model, n_head):
+    def __init__(self, dim, heads, dropout=0.0):
         super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"width {d_model} is not divisible by {n_head} heads")
-        self.n_head = n_head
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
-        self.out_proj = nn.Linear(d_model, d_model)
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x, attn_mask=None):
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        return self.out_proj(multihead_attention(q, k, v, self.n_head, attn_mask))
+    def forward(self, query, key=None, value=None, attn_mask=None, key_padding_mask=None):
+        """query [B, Lq, D]; key, value [B, Lk, D] (None: self-attention, one packed projection);
+        attn_mask [Lq, Lk] additive, or key_padding_mask [B, Lk] bool with True = ignore."""
+        if key is None:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            q, k, v = (F.linear(x, w, b) for x, w, b in
+                       zip((query, key, value), self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)))
+        if key_padding_mask is not None:
+            if attn_mask is not None:
+                raise ValueError("give attn_mask or key_padding_mask, not both")
+            attn_mask = ~key_padding_mask[:, None, None, :]
+        dropout_p = self.dropout if self.training else 0.0
+        return self.out_proj(multihead_attention(q, k, v, self.heads, attn_mask, dropout_p))
 
 
 def causal_mask(n):
@@ -87,7 +100,7 @@ class ResidualAttentionBlock(nn.Module):
 
     def __init__(self, d_model, n_head, attn_mask=None):
         super().__init__()
-        self.attn = MultiheadSelfAttention(d_model, n_head)
+        self.attn = MultiheadAttention(d_model, n_head)
         self.ln_1 = LayerNorm(d_model)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(d_model, d_model * 4)),
@@ -106,7 +119,7 @@ class ResidualAttentionBlock(nn.Module):
                 raise ValueError(f"text has {L} tokens but the causal mask was built for "
                                  f"word_len={self.attn_mask.shape[0]}: tokenize to word_len")
             mask = self.attn_mask[:L, :L].to(device=x.device, dtype=x.dtype)
-        x = x + self.attn(self.ln_1(x), mask)
+        x = x + self.attn(self.ln_1(x), attn_mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 

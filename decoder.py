@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bridger import InteractorT, MultiheadAttention
+from bridger import InteractorT
+from clip_loader import MultiheadAttention
 
 
 def conv_bn_relu(in_dim, out_dim, kernel_size=1, padding=0, stride=1):

@@ -154,10 +154,10 @@ def test_full_size_inference(name, cfg, shapes):
     with torch.device("meta"):  # heads follow OpenAI's rule (head width 64)
         m = C.CLIP(**C.clip_config(sd), word_len=17)
     if name == "ViT-B/16":
-        assert m.visual.transformer.resblocks[0].attn.n_head == 12
+        assert m.visual.transformer.resblocks[0].attn.heads == 12
     else:
         assert m.visual.attnpool.num_heads == 32
-    assert m.transformer.resblocks[0].attn.n_head == 8
+    assert m.transformer.resblocks[0].attn.heads == 8
 
 
 # ---------------------------------------------------------------- numerics against independent code
