@@ -58,6 +58,8 @@ def parse_args(argv=None):
     g.add_argument("--frozen-bn-stats", action="store_true", help="keep the ResNet BN running stats frozen")
     g.add_argument("--checkpoint-backbone", action="store_true",
                    help="recompute the frozen CLIP blocks in backward instead of storing them (less memory, same numbers)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (worth it for long GPU runs; evaluation stays eager)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=50)
     g.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch, split across processes")
@@ -69,7 +71,10 @@ def parse_args(argv=None):
                    help="default: fp16 (with GradScaler) on CUDA, off on CPU")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    g.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
+    g.add_argument("--max-nonfinite", type=int, default=20,
+                   help="stop after this many skipped (non-finite) steps in a row; checked at each log step")
+    g.add_argument("--deterministic", action="store_true",
+                   help="cuDNN deterministic, no autotuning (the authors' setting; slower). Default: cudnn.benchmark")
     g = p.add_argument_group("run")
     g.add_argument("--output", default=None, help="default: exp/<data>/<backbone>")
     g.add_argument("--resume", default=None, help="'auto' (the output folder's last.pth, if any) or a path")
@@ -207,6 +212,9 @@ def main(argv=None):
         raise ValueError(f"--batch-size {args.batch_size} (global) is not divisible by {world} processes")
     if use_cuda:
         torch.cuda.set_device(device)
+        # every batch has the same shape, so cuDNN's autotuner pays off after the first step
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cudnn.deterministic = args.deterministic
     if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     amp = args.amp or ("fp16" if use_cuda else "off")
@@ -249,9 +257,12 @@ def main(argv=None):
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # names unchanged: checkpoints stay compatible
     model = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if use_cuda else None) \
         if distributed else net
+    if args.compile:
+        model = torch.compile(model)
 
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr,
-                                 weight_decay=args.weight_decay, **({"fused": True} if use_cuda else {}))
+    params = [p for p in net.parameters() if p.requires_grad]
+    # fused: one kernel for all tensors, and it skips a step on the device when told to (found_inf below)
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
 
@@ -301,11 +312,13 @@ def main(argv=None):
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                          "global_step": global_step, "best_score": best, "history": history,
-                         "nonfinite_total": nonfinite_total, "epoch_sums": totals.cpu(), "rng": states,
+                         "nonfinite_total": nonfinite_total + int(skipped_since.item()),
+                         "epoch_sums": totals.cpu(), "rng": states,
                          "world_size": world}, path)
 
     last_path, best_path = os.path.join(args.output, "last.pth"), os.path.join(args.output, "best.pth")
-    consecutive_nonfinite = 0
+    # skipped-step counters stay on the device: no host sync in the step, checked at log time
+    streak, worst_streak, skipped_since = (torch.zeros((), device=device) for _ in range(3))
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and global_step >= args.max_steps:
             break
@@ -329,30 +342,38 @@ def main(argv=None):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(images, tokens)  # [B, 1, S/4, S/4]
                 loss = segmentation_loss(logits, masks)
-            # one host sync per step: every process must agree before backward (DDP all-reduces in it)
-            finite = torch.isfinite(loss.detach()).float()
+            # a non-finite loss or gradient skips the update on every process, decided on the device
+            bad = (~torch.isfinite(loss.detach())).float()
             if distributed:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # queued on the device like DDP's own all-reduce
             optimizer.zero_grad(set_to_none=True)
-            if finite.item() == 0:
-                nonfinite_total += 1
-                consecutive_nonfinite += 1
-                if consecutive_nonfinite >= args.max_nonfinite:
-                    raise RuntimeError(f"{consecutive_nonfinite} non-finite losses in a row at epoch {epoch + 1} "
-                                       f"step {step_in_epoch + 1}: training diverged; lower --lr, try --amp "
-                                       f"bf16/off, or resume from an earlier checkpoint")
-            else:
-                consecutive_nonfinite = 0
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
+            scaler.scale(loss).backward()
+            if scaler.is_enabled():
+                scaler.step(optimizer)  # fused Adam: an overflowing fp16 step is skipped on the device too
                 scaler.update()
-                iou_sum, prec_count = train_metric(logits, masks)
-                sums += torch.stack([loss.detach().float() * len(images), iou_sum, prec_count,
-                                     torch.tensor(float(len(images)), device=device)])
+            else:  # gradients are all-reduced by now, so every process reaches the same verdict
+                grads = [p.grad for p in params if p.grad is not None]
+                bad = torch.maximum(bad, (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float())
+                optimizer.found_inf = bad  # fused Adam leaves weights, moments and step count as they were
+                optimizer.step()
+            streak = (streak + 1) * bad
+            worst_streak = torch.maximum(worst_streak, streak)
+            skipped_since += bad
+            iou_sum, prec_count = train_metric(logits, masks)
+            step_sums = torch.stack([loss.detach().float() * len(images), iou_sum, prec_count,
+                                     torch.full((), float(len(images)), device=device)])  # no host-to-device copy
+            sums += torch.where(bad > 0, 0.0, step_sums)  # skipped steps count in no mean
             step_in_epoch += 1
             global_step += 1
             bar.update(1)
             if step_in_epoch % args.log_every == 0 or step_in_epoch == sampler.steps:
+                worst, skipped = (int(x) for x in torch.stack([worst_streak, skipped_since]).tolist())
+                nonfinite_total += skipped
+                skipped_since.zero_()
+                if worst >= args.max_nonfinite:
+                    raise RuntimeError(f"{args.max_nonfinite} non-finite losses in a row by epoch {epoch + 1} step "
+                                       f"{step_in_epoch}: training diverged; lower --lr, try --amp bf16/off, or "
+                                       f"resume from an earlier checkpoint")
                 totals = sums.clone()
                 if distributed:
                     dist.all_reduce(totals)
@@ -369,6 +390,8 @@ def main(argv=None):
             if stop:
                 break
         bar.close()
+        nonfinite_total += int(skipped_since.item())  # steps skipped since the last log step (a --max-steps stop)
+        skipped_since.zero_()
 
         finished = step_in_epoch == sampler.steps
         if finished:

@@ -90,7 +90,7 @@ def test_scenes_masks_and_phrases():
         img, objs = sc['image'], sc['objects']
         h, w = img.shape[:2]
         sizes.add((h, w))
-        assert 64 <= h <= 128 and 64 <= w <= 128 and img.dtype == np.uint8
+        assert 96 <= h <= 128 and 96 <= w <= 128 and img.dtype == np.uint8
         assert 2 <= len(objs) <= 5 and 2 <= len(sc['sentences']) <= 3 and len(set(sc['sentences'])) == len(sc['sentences'])
         n_objs.add(len(objs))
         union = np.zeros((h, w), np.uint8)

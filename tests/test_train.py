@@ -1,7 +1,8 @@
 """Tests of train.py on CPU with synthetic data and the tiny ViT CLIP: a run killed with SIGKILL and resumed
 ends with exactly the weights of an uninterrupted run; 2-process gloo DDP matches 1 process at the same
-global batch; non-finite losses are skipped then stop the run; wrong files for --clip-weights/--resume and
-an indivisible batch are clear errors; the sampler's order is a pure function of (seed, epoch)."""
+global batch; non-finite losses and gradients are skipped on the device then stop the run; --compile trains
+the same weights; wrong files for --clip-weights/--resume and an indivisible batch are clear errors; the
+sampler's order is a pure function of (seed, epoch)."""
 import json
 import os
 import signal
@@ -115,11 +116,11 @@ def _deterministic_build(build):
     return wrapped
 
 
-def _sgd(params, lr, weight_decay):
+def _sgd(params, lr, weight_decay, fused):
     """Adam's first steps are ~lr * sign(grad): on elements whose gradient is float noise (e.g. attention key
     biases, mathematically zero) it turns a 1e-9 difference into a 2*lr one. SGD keeps the comparison about
     the gradients, which is what DDP is responsible for; Adam itself is elementwise and the same either way."""
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def _ddp_worker(rank, world, port, argv):
@@ -167,14 +168,21 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     def flaky(logits, mask):
         calls["n"] += 1
         loss = real_loss(logits, mask)
-        return loss * float("nan") if calls["n"] == 2 else loss
+        if calls["n"] == 2:  # step 2: non-finite loss
+            return loss * float("nan")
+        if calls["n"] == 3:  # step 3: finite loss, NaN gradients (sqrt'(0) = inf, times the 0 above it)
+            return loss + 0 * torch.sqrt(logits.sum() * 0)
+        return loss
 
     monkeypatch.setattr(train, "segmentation_loss", flaky)
-    args = QUICK + ["--epochs", "1", "--batch-size", "2", "--train-samples", "6"]
+    args = QUICK + ["--epochs", "1", "--batch-size", "2", "--train-samples", "8"]
     train.main(args + ["--output", str(tmp_path / "a")])
     (line,) = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
-    assert line["nonfinite_skipped"] == 1 and line["global_step"] == 3
-    assert all(torch.isfinite(v).all() for v in final_weights(str(tmp_path / "a")).values() if v.is_floating_point())
+    assert line["nonfinite_skipped"] == 2 and line["global_step"] == 4
+    ck = torch.load(tmp_path / "a" / "last.pth", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    # the two skipped steps left Adam's step count (and so its moments) alone: 4 steps, 2 updates
+    assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {2.0}
 
     monkeypatch.setattr(train, "segmentation_loss", lambda logits, mask: real_loss(logits, mask) * float("inf"))
     with pytest.raises(RuntimeError, match="2 non-finite losses in a row"):
@@ -195,3 +203,26 @@ def test_wrong_files_and_batch_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="not divisible by 3"):
         train.main(QUICK + ["--batch-size", "4", "--output", str(tmp_path / "x")])
+
+
+def test_compile_trains_the_same_weights(tmp_path, monkeypatch):
+    # --compile wraps the training forward in torch.compile. Inductor takes minutes to build on 2 CPU cores,
+    # so the test uses Dynamo with the eager backend: the model is really traced (graph breaks included),
+    # then runs the same kernels, so the weights must equal an uncompiled run's.
+    real_compile, compiled = torch.compile, []
+
+    def eager_compile(model):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    args = QUICK + ["--epochs", "1", "--batch-size", "2", "--train-samples", "6"]
+    train.main(args + ["--output", str(tmp_path / "eager")])
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    train.main(args + ["--output", str(tmp_path / "compiled"), "--compile"])
+    assert len(compiled) == 1
+    eager, comp = final_weights(str(tmp_path / "eager")), final_weights(str(tmp_path / "compiled"))
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-5, atol=1e-6, msg=k)
+    torch.manual_seed(0)  # as train.main before building: the initial weights, which training must have moved
+    init = train.build_model("tiny-ViT", input_size=64, word_len=17).state_dict()
+    assert any(not torch.equal(eager[k], init[k]) for k in eager if k.startswith("decoder."))
