@@ -23,11 +23,10 @@ import argparse
 import json
 import math
 import os
+import socket
 import time
 
 import numpy as np
-import socket
-
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -41,10 +40,10 @@ from tokenizer import tokenize
 
 # the synthetic scenes the CLIP pre-training sees: another generator seed than ETRIS's train/val scenes
 PRETRAIN_SCENE_SEED = 1000
-CAPTION_LEN = 32
+CAPTION_LEN = 32  # "large red circle, small blue square, ..." for up to 5 objects
 # blocks per encoder of the tiny CLIP (the Bridger then taps after every block). Measured on the synthetic set
 # (1500 steps, batch 16): 3 random frozen blocks reach val mIoU 52.7, 6 blocks 48.1, and train faster
-TINY_BLOCKS = 3  # "large red circle, small blue square, ..." for up to 5 objects
+TINY_BLOCKS = 3
 
 
 def tiny_clip(input_size, seed=0):
@@ -188,14 +187,17 @@ def parse_args(argv=None):
     p.add_argument('--visualize', type=int, default=8, help="overlay PNGs to write")
     p.add_argument('--procs', type=int, default=2,
                    help="training processes (DDP over gloo, like torchrun on CPU), each with one thread and its "
-                        "share of the batch. 2 by default: measured, two processes train ~1.7x faster than one "
-                        "process with two threads, whose small kernels do not parallelise")
+                        "share of the batch. 2 by default: measured on 2 cores, two processes train 1.3-1.5x faster "
+                        "than one, while one process with two threads is no faster (its small kernels do not "
+                        "parallelise)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--quick', action='store_true', help="reduced run for the tests (fewer steps and samples)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.train_samples, args.val_samples = 1000, 4000, 100
         args.visualize = min(args.visualize, 2)
+    if args.procs < 1:
+        p.error(f"--procs must be at least 1, got {args.procs}")
     if args.clip_weights and args.pretrain_steps:
         p.error("--clip-weights and --pretrain-steps exclude each other")
     return args
