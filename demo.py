@@ -161,7 +161,8 @@ def _train_process(rank, world, port, argv):
 def run_training(argv, procs):
     """train.main(argv) in this process, or in `procs` DDP processes (gloo) on this machine."""
     if procs == 1:
-        return train.main(argv)
+        train.main(argv)
+        return
     with socket.socket() as s:  # a free port for the process group
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
