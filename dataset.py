@@ -23,13 +23,17 @@ Samples (dicts; collate stacks tensors and keeps per-image items as lists):
   test        tokens long [n_sent, L], sentences list[str], inverse float64 np [2,3] (input -> original
               coords), orig_size (h, w), orig_mask uint8 np [h,w] in {0,1}
 
-Bad data (missing file, ref without annotation, empty sentence) is found when the dataset is
-built; undecodable images/masks when a sample is loaded. Either raises one error naming the file
-or ref; with skip_bad=True the ref is skipped, recorded in `dataset.bad_samples` and warned about.
-A sample that fails at load time is replaced by the next good index (so a batch keeps its size);
-in DataLoader workers that record lives in the worker's copy, the warning is printed regardless.
+Bad data is found when the dataset is built, so every bad ref is known before training starts: a
+missing, empty, truncated (no JPEG end-of-image marker / PNG IEND chunk near the end) or non-JPEG/PNG
+image or mask file, a ref without annotation or image, an empty sentence, a malformed segmentation
+(see segmentation_to_mask for the polygon rule). Each raises one error naming the ref, its annotation
+id (REFER layout) and the file, and saying what to do; with skip_bad=True the ref is left out, listed
+in `dataset.bad_samples` (dicts: ref_id, ann_id, file, error) and one warning says how many. What still
+fails when a sample is loaded (a file changed since, or undecodable despite a complete end) raises
+BadSampleError, or with skip_bad travels to the main process in the batch: see RefDataset.__getitem__
+and collate (batch['bad_samples']). The split's found vs published ref count is printed.
 
-CLI:  python dataset.py prepare --root R --data refcoco --out O
+CLI:  python dataset.py prepare --root R --data refcoco --out O [--skip-bad]
       python dataset.py bench --data synthetic --split train --workers 2 --batch-size 32 --batches 20
       python dataset.py fake-refer --out /tmp/fake_refer      (a tiny REFER release for tests/benchmarks)
 """
@@ -131,7 +135,8 @@ def _poly_to_rle(xy, h, w):
     passes, and the sorted crossings (column-major positions) become the run lengths.
     """
     scale = 5.
-    pts = np.asarray(xy, np.float64).reshape(-1, 2)
+    pts = np.asarray(xy, np.float64)
+    pts = pts[:len(pts) // 2 * 2].reshape(-1, 2)  # an odd count drops its last number, as frPoly's int(n/2)
     x = np.trunc(scale * pts[:, 0] + .5).astype(np.int64)  # C's (int) cast truncates
     y = np.trunc(scale * pts[:, 1] + .5).astype(np.int64)
     x, y = np.append(x, x[0]), np.append(y, y[0])
@@ -227,28 +232,139 @@ def rle_encode(mask):
     return [0] + counts if flat.size and flat[0] else counts
 
 
+def _polygons(seg):
+    """The parts of a COCO polygon list that have 3 or more points, as flat float64 arrays (the rule is in
+    segmentation_to_mask's docstring)."""
+    polys = []
+    for i, part in enumerate(seg):
+        try:
+            xy = np.asarray(part, np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"polygon {i} is not a list of numbers: {str(part)[:60]}") from None
+        if xy.ndim != 1:
+            raise ValueError(f"polygon {i} is not a flat [x0, y0, x1, y1, ...] list: {str(part)[:60]}")
+        if not np.isfinite(xy).all():
+            raise ValueError(f"polygon {i} has a non-finite coordinate: {str(part)[:60]}")
+        if len(xy) >= 6:
+            polys.append(xy)
+    if not polys:
+        raise ValueError(f"no polygon of 3 or more points in {str(seg)[:80]}, so it covers no pixel "
+                         "(parts such as [], [x, y] or [x0, y0, x1, y1] cover none)")
+    return polys
+
+
+def _rle_counts(seg, h, w):
+    """The run lengths of a COCO RLE dict (compressed str/bytes or uncompressed list counts), checked."""
+    if 'size' not in seg or 'counts' not in seg:
+        raise ValueError(f"an RLE dict needs 'size' and 'counts', this one has {sorted(seg)}")
+    try:
+        rh, rw = (int(v) for v in seg['size'])
+    except (TypeError, ValueError):
+        raise ValueError(f"RLE size {str(seg['size'])[:40]} is not [height, width]") from None
+    if (rh, rw) != (h, w):
+        raise ValueError(f"RLE size {rh}x{rw} differs from the image's {h}x{w}")
+    counts = seg['counts']
+    if isinstance(counts, bytes):
+        counts = counts.decode('ascii')
+    if isinstance(counts, str):
+        counts = rle_from_string(counts)
+    try:
+        counts = np.asarray(counts, np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"RLE counts are neither a string nor a list of integers: {str(counts)[:60]}") from None
+    if counts.ndim != 1 or counts.sum() != h * w or (counts < 0).any():
+        raise ValueError(f"corrupt RLE: counts sum to {counts.sum()}, a {h}x{w} mask needs {h * w}")
+    return counts
+
+
+def check_segmentation(seg, h, w):
+    """Raise the ValueError that segmentation_to_mask(seg, h, w) would raise, without rasterising."""
+    if isinstance(seg, dict):
+        _rle_counts(seg, h, w)
+    elif isinstance(seg, list):
+        _polygons(seg)
+    else:
+        raise ValueError(f"segmentation is neither a polygon list nor an RLE dict: {str(seg)[:80]}")
+
+
 def segmentation_to_mask(seg, h, w):
     """uint8 {0,1} [h,w] mask of a COCO `segmentation` (polygon list, or RLE dict with str or list counts).
 
     Equals pycocotools' frPyObjects + decode, with several polygons merged by union as REFER's getMask
     does (it sums them; the authors' png then holds 254 where two polygons of one object overlap).
+
+    Degenerate polygon lists follow one rule: every part of 3 or more points is a polygon, every other
+    part covers nothing, and a list with no polygon at all is a ValueError. In detail, with what
+    pycocotools 2.0.11 (frPyObjects + decode + sum, as getMask) does:
+      - an odd number of coordinates uses floor(n/2) points, the last number is dropped (pycocotools too);
+      - a part of fewer than 3 points ([], [x, y], [x0, y0, x1, y1], 5 numbers) is ignored: pycocotools
+        rasterises it to an empty mask when it reaches its polygon code, i.e. after a first part of more
+        than 4 numbers; when such a part comes first, pycocotools fails ([] IndexError; [[]], [[x, y]]
+        "input type is not supported"; 4 numbers TypeError: it takes a first entry of 4 numbers as an
+        [x, y, w, h] box, which it only accepts as a numpy array, never from json). Here its place in the
+        list does not matter, and 4 numbers are never a box;
+      - no part of 3 or more points ([], [[]], [[x, y]], [[x, y, w, h]], [[1, 2, 3, 4, 5]]) is an error:
+        the annotation outlines no area (pycocotools fails, or gives an empty mask for 5 numbers);
+      - a non-finite coordinate is an error (pycocotools crashes the process), a non-numeric one too;
+      - a polygon of 3 or more points that encloses no pixel centre (collinear, tiny, off the image)
+        gives an empty mask, as pycocotools: that is the rasterisation, not malformed data.
     """
     if isinstance(seg, dict):
-        rh, rw = (int(v) for v in seg['size'])
-        if (rh, rw) != (h, w):
-            raise ValueError(f"RLE size {rh}x{rw} differs from the image's {h}x{w}")
-        counts = seg['counts']
-        if isinstance(counts, bytes):
-            counts = counts.decode('ascii')
-        return rle_decode(rle_from_string(counts) if isinstance(counts, str) else counts, h, w)
-    if not isinstance(seg, list) or not seg:
+        return rle_decode(_rle_counts(seg, h, w), h, w)
+    if not isinstance(seg, list):
         raise ValueError(f"segmentation is neither a polygon list nor an RLE dict: {str(seg)[:80]}")
-    if len(seg[0]) == 4:  # pycocotools reads a list whose first entry has 4 numbers as [x, y, w, h] boxes
-        seg = [[x, y, x, y + bh, x + bw, y + bh, x + bw, y] for x, y, bw, bh in seg]
     mask = np.zeros((h, w), np.uint8)
-    for poly in seg:
-        mask |= rle_decode(_poly_to_rle(poly, h, w), h, w)
+    for xy in _polygons(seg):
+        mask |= rle_decode(_poly_to_rle(xy, h, w), h, w)
     return mask
+
+
+# ----------------------------------------------------------------------------- complete image files
+
+_JPEG_START, _JPEG_END = b'\xff\xd8\xff', b'\xff\xd9'
+_PNG_START, _PNG_END = b'\x89PNG\r\n\x1a\n', b'IEND\xaeB`\x82'
+# The end marker is looked for in this many final bytes, not only the last two: some writers pad or
+# append a trailer after it. Entropy-coded JPEG data never holds FF D9 (an FF there is followed by
+# 00 or a restart code), so finding it in a truncated file's tail would take a file this short.
+_TAIL_BYTES = 4096
+
+
+def _image_bytes_problem(head, tail, any_format):
+    """Why a file starting with `head` and ending with `tail` is not a complete JPEG or PNG, or None."""
+    if not head:
+        return "is empty (0 bytes)"
+    if head.startswith(_JPEG_START):
+        return None if _JPEG_END in tail else \
+            f"is a truncated JPEG (no end-of-image marker FF D9 in its last {len(tail)} bytes)"
+    if head.startswith(_PNG_START):
+        return None if _PNG_END in tail else f"is a truncated PNG (no IEND chunk in its last {len(tail)} bytes)"
+    return None if any_format else f"is neither a JPEG nor a PNG file (it starts with {head[:8]!r})"
+
+
+def check_image_file(path, any_format=False):
+    """Raise ValueError if the JPEG or PNG file at `path` is empty or truncated, reading only its first
+    8 and last 4096 bytes. OpenCV decodes a truncated JPEG without an error (the missing rows come out
+    grey; only libjpeg prints "Premature end of JPEG file"), so this is how one is caught. Other formats
+    are an error too, unless any_format (then they are left to the decoder)."""
+    with open(path, 'rb') as f:
+        head = f.read(8)
+        f.seek(max(0, os.fstat(f.fileno()).st_size - _TAIL_BYTES))
+        problem = _image_bytes_problem(head, f.read(), any_format)
+    if problem:
+        raise ValueError(f"{os.fspath(path)} {problem}")
+
+
+def read_image_file(path, flags=cv2.IMREAD_COLOR, any_format=False):
+    """cv2.imdecode of a file (BGR, or gray with IMREAD_GRAYSCALE) after check_image_file's test on the
+    bytes read: one reading of the file for both. ValueError names the file when either fails."""
+    data = np.fromfile(path, np.uint8)
+    problem = _image_bytes_problem(data[:8].tobytes(), data[-_TAIL_BYTES:].tobytes(), any_format)
+    if problem:
+        raise ValueError(f"{os.fspath(path)} {problem}")
+    img = cv2.imdecode(data, flags)
+    if img is None:
+        raise ValueError(f"{os.fspath(path)} could not be decoded: corrupt, or not an image format OpenCV reads")
+    return img
 
 
 # ----------------------------------------------------------------------------- reading the two layouts
@@ -304,11 +420,15 @@ def _in_split(ref_split, split):
     return ref_split == split
 
 
+_ONE_RELEASE = "take refs(...).p and instances.json from one download of the REFER release"
+
+
 def _read_refer(root, name, split):
     """Records of one split of the REFER release, in the release's order (= the authors' json order)."""
     info = DATASETS[name]
     folder = os.path.join(root, info['folder'])
-    refs = load_refs_pickle(os.path.join(folder, f"refs({info['split_by']}).p"))
+    refs_path = os.path.join(folder, f"refs({info['split_by']}).p")
+    refs = load_refs_pickle(refs_path)
     inst_path = os.path.join(folder, 'instances.json')
     if not os.path.isfile(inst_path):
         raise FileNotFoundError(f"{inst_path} is missing: it comes with the REFER release "
@@ -322,17 +442,18 @@ def _read_refer(root, name, split):
     for ref in refs:
         if not _in_split(ref['split'], split):
             continue
-        rec = {'ref_id': ref['ref_id'], 'sentences': [s['sent'].strip() for s in ref['sentences']]}
+        rec = {'ref_id': ref['ref_id'], 'ann_id': ref['ann_id'], 'source': inst_path, 'refs_file': refs_path,
+               'sentences': [s['sent'].strip() for s in ref['sentences']]}
         ann, im = anns.get(ref['ann_id']), images.get(ref['image_id'])
         if ann is None:
-            rec['error'] = ValueError(f"ref {ref['ref_id']} points at annotation {ref['ann_id']}, "
-                                      f"which {inst_path} does not have")
+            rec['error'] = ValueError(f"ref {ref['ref_id']} points at annotation {ref['ann_id']}, which "
+                                      f"{inst_path} does not have; {_ONE_RELEASE}")
         elif im is None:
-            rec['error'] = ValueError(f"ref {ref['ref_id']} points at image {ref['image_id']}, "
-                                      f"which {inst_path} does not have")
+            rec['error'] = ValueError(f"ref {ref['ref_id']} (annotation {ref['ann_id']}) points at image "
+                                      f"{ref['image_id']}, which {inst_path} does not have; {_ONE_RELEASE}")
         else:
             rec.update(image=os.path.join(img_dir, im['file_name']), size=(im['height'], im['width']),
-                       segmentation=ann['segmentation'], bbox=ann['bbox'], category_id=ref['category_id'],
+                       segmentation=ann.get('segmentation'), bbox=ann['bbox'], category_id=ref['category_id'],
                        sent_ids=[s['sent_id'] for s in ref['sentences']])
         records.append(rec)
     return records
@@ -340,49 +461,113 @@ def _read_refer(root, name, split):
 
 def _read_prepared(root, name, split):
     """Records of anns/<name>/<split>.json, masks from masks/<name>/<segment_id>.png."""
-    with open(os.path.join(root, 'anns', name, f'{split}.json')) as f:
+    path = os.path.join(root, 'anns', name, f'{split}.json')
+    with open(path) as f:
         items = json.load(f)
     img_dir, mask_dir = _image_dir(root), os.path.join(root, 'masks', name)
-    return [{'ref_id': it['segment_id'], 'image': os.path.join(img_dir, it['img_name']),
+    return [{'ref_id': it['segment_id'], 'source': path, 'refs_file': path,
+             'image': os.path.join(img_dir, it['img_name']),
              'mask': os.path.join(mask_dir, f"{it['segment_id']}.png"),
              'sentences': [s['sent'].strip() for s in it['sentences']]} for it in items]
 
 
-def _check_record(rec):
-    """The error that makes a record unusable, found without decoding anything (or None)."""
+_FIX = {'image': "put a complete copy there (download COCO train2014 again)",
+        'mask': "run `python dataset.py prepare` again, it rewrites missing and truncated masks"}
+
+
+def _who(rec):
+    """'ref 12 (annotation 345)': how an error names a record (prepared folders keep no annotation id)."""
+    return f"ref {rec['ref_id']}" + (f" (annotation {rec['ann_id']})" if rec.get('ann_id') is not None else '')
+
+
+def _bad_entry(rec, file, err):
+    """A dataset.bad_samples entry."""
+    return {'ref_id': rec['ref_id'], 'ann_id': rec.get('ann_id'), 'file': file, 'error': str(err)}
+
+
+def _raise_bad(err):
+    """Raise a bad ref's error, telling how to go on without it (entries of bad_samples leave that out)."""
+    err.args = (f"{err}, or pass --skip-bad (skip_bad=True) to leave such refs out and list them at the end",)
+    raise err
+
+
+def _record_problem(rec, checked):
+    """(error, file at fault) that makes a record unusable, or None; found without decoding anything.
+    Files get check_image_file's tail test, each file once: `checked` maps path -> problem or None."""
     if 'error' in rec:
-        return rec['error']
+        return rec['error'], rec['source']
     if not rec['sentences'] or any(not s for s in rec['sentences']):
-        return ValueError(f"ref {rec['ref_id']} has an empty sentence: {rec['sentences']!r}")
+        return ValueError(f"{_who(rec)} has an empty sentence in {rec['refs_file']}: {rec['sentences']!r}; "
+                          "fix the sentence"), rec['refs_file']
     for key in ('image', 'mask'):
-        if key in rec and not os.path.isfile(rec[key]):
-            return FileNotFoundError(f"ref {rec['ref_id']}: {key} file {rec[key]} is missing")
+        if key not in rec:
+            continue
+        path = rec[key]
+        if path not in checked:
+            try:
+                check_image_file(path)
+                checked[path] = None
+            except FileNotFoundError:
+                checked[path] = 'missing'
+            except (OSError, ValueError) as e:
+                checked[path] = str(e)
+        if checked[path] == 'missing':
+            return FileNotFoundError(f"{_who(rec)}: {key} file {path} is missing; {_FIX[key]}"), path
+        if checked[path]:
+            return ValueError(f"{_who(rec)}: {key} file {checked[path]}; {_FIX[key]}"), path
+    if 'segmentation' in rec:
+        try:
+            check_segmentation(rec['segmentation'], *rec['size'])
+        except ValueError as e:
+            return ValueError(f"{_who(rec)}: bad segmentation in {rec['source']}: {e}; fix the annotation"), \
+                rec['source']
     return None
+
+
+def _split_size_line(name, split, found, where):
+    """The found vs published ref count of a split, printed when a dataset is built and by prepare."""
+    expected = DATASETS[name]['splits'][split]
+    diff = found - expected
+    verdict = "the paper's split" if not diff else \
+        f"{abs(diff)} {'more' if diff > 0 else 'fewer'}, not the paper's split"
+    return f"{name} {split}: found {found} refs, published {expected}: {verdict} ({where})"
+
+
+class BadSampleError(RuntimeError):
+    """A record that failed to load: the message names the ref and annotation, `file` the file at fault."""
+
+    def __init__(self, message, file):
+        super().__init__(message)
+        self.file = file
 
 
 class RefDataset(Dataset):
     """One split of RefCOCO/+/g from the REFER release or the prepared folder (layout auto-detected)."""
 
-    def __init__(self, root, name, split, mode, input_size, word_len, skip_bad=False, num_samples=None):
+    def __init__(self, root, name, split, mode, input_size, word_len, skip_bad=False, num_samples=None,
+                 verbose=True):
         self.name, self.split, self.mode = name, split, mode
         self.input_size, self.word_len, self.skip_bad = input_size, word_len, skip_bad
         self.layout = detect_layout(root, name, split)
         records = (_read_refer if self.layout == 'refer' else _read_prepared)(root, name, split)
+        self.split_size = _split_size_line(name, split, len(records), f"{root}, {self.layout} layout")
+        if verbose:
+            print(self.split_size)
         expected = DATASETS[name]['splits'][split]
         if len(records) != expected:
             warnings.warn(f"{name} {split}: expected {expected} refs (the paper's split), found "
                           f"{len(records)} in {root} ({self.layout} layout)")
         if num_samples is not None:
             records = records[:num_samples]
-        self.records, self.bad_samples = [], []
+        self.records, self.bad_samples, checked = [], [], {}
         for rec in records:
-            err = _check_record(rec)
-            if err is None:
+            problem = _record_problem(rec, checked)
+            if problem is None:
                 self.records.append(rec)
             elif skip_bad:
-                self.bad_samples.append({'ref_id': rec['ref_id'], 'error': str(err)})
+                self.bad_samples.append(_bad_entry(rec, problem[1], problem[0]))
             else:
-                raise err
+                _raise_bad(problem[0])
         if self.bad_samples:
             warnings.warn(f"{name} {split}: skipped {len(self.bad_samples)} bad refs of {len(records)} "
                           f"(dataset.bad_samples); first: {self.bad_samples[0]['error']}")
@@ -393,41 +578,59 @@ class RefDataset(Dataset):
         return len(self.records)
 
     def load(self, index):
-        """(uint8 RGB image [h,w,3], uint8 0/255 mask [h,w], sentences) of a record, decoded."""
+        """(uint8 RGB image [h,w,3], uint8 0/255 mask [h,w], sentences) of a record, decoded.
+        BadSampleError for what the build-time checks cannot see: a file that changed since, or one
+        complete at its end yet undecodable."""
         rec = self.records[index]
-        img = cv2.imread(rec['image'], cv2.IMREAD_COLOR)
-        if img is None:
-            raise RuntimeError(f"ref {rec['ref_id']}: image {rec['image']} cannot be decoded (corrupt?)")
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        who = _who(rec)
+        try:
+            img = cv2.cvtColor(read_image_file(rec['image']), cv2.COLOR_BGR2RGB)
+        except (OSError, ValueError) as e:
+            raise BadSampleError(f"{who}: image {e}; {_FIX['image']}", rec['image']) from None
         if 'mask' in rec:
-            mask = cv2.imread(rec['mask'], cv2.IMREAD_GRAYSCALE)
-            if mask is None:
-                raise RuntimeError(f"ref {rec['ref_id']}: mask {rec['mask']} cannot be decoded (corrupt?)")
+            try:
+                mask = read_image_file(rec['mask'], cv2.IMREAD_GRAYSCALE)
+            except (OSError, ValueError) as e:
+                raise BadSampleError(f"{who}: mask {e}; {_FIX['mask']}", rec['mask']) from None
         else:
             if img.shape[:2] != tuple(rec['size']):
-                raise RuntimeError(f"ref {rec['ref_id']}: image {rec['image']} is {img.shape[:2]}, "
-                                   f"instances.json says {tuple(rec['size'])}")
+                raise BadSampleError(f"{who}: image {rec['image']} is {img.shape[:2]}, {rec['source']} says "
+                                     f"{tuple(rec['size'])}; {_FIX['image']}", rec['image'])
             try:
                 mask = segmentation_to_mask(rec['segmentation'], *img.shape[:2]) * np.uint8(255)
-            except (ValueError, TypeError, KeyError) as e:
-                raise RuntimeError(f"ref {rec['ref_id']}: bad segmentation ({e})") from None
+            except ValueError as e:
+                raise BadSampleError(f"{who}: bad segmentation in {rec['source']}: {e}; fix the annotation",
+                                     rec['source']) from None
         if mask.shape != img.shape[:2]:
-            raise RuntimeError(f"ref {rec['ref_id']}: mask {mask.shape} and image {img.shape[:2]} sizes differ")
+            raise BadSampleError(f"{who}: mask {rec.get('mask')} is {mask.shape}, image {rec['image']} is "
+                                 f"{img.shape[:2]}; {_FIX['mask']}", rec.get('mask'))
         return img, mask, rec['sentences']
 
     def __getitem__(self, index):
+        """The sample of `index`. With skip_bad, a record that fails to load is not an error: in train
+        mode the next good index stands in for it (a batch keeps its size); in val/test modes nothing
+        stands in (evaluation would count that sample twice) and the result is {'bad_samples': [entry]}.
+        Either way the failure travels in the returned dict's 'bad_samples' (bad_samples entries plus
+        'index'), which collate gathers into batch['bad_samples']: a DataLoader worker's copy of the
+        dataset is out of the main process's reach, the batch is not."""
+        skipped = []
         for i in range(len(self.records)):
             j = (index + i) % len(self.records)
             try:
                 img, mask, sentences = self.load(j)
-            except RuntimeError as e:
+            except BadSampleError as e:
                 if not self.skip_bad:
-                    raise
-                self.bad_samples.append({'ref_id': self.records[j]['ref_id'], 'error': str(e)})
+                    _raise_bad(e)
+                skipped.append({**_bad_entry(self.records[j], e.file, e), 'index': j})
                 warnings.warn(f"skipping bad sample: {e}")
+                if self.mode != 'train':
+                    return {'bad_samples': skipped}
                 continue
-            return _make_sample(img, mask, sentences, self.records[j]['ref_id'], j, self.mode,
-                                self.input_size, self.word_len)
+            sample = _make_sample(img, mask, sentences, self.records[j]['ref_id'], j, self.mode,
+                                  self.input_size, self.word_len)
+            if skipped:
+                sample['bad_samples'] = skipped
+            return sample
         raise RuntimeError(f"{self.name} {self.split}: every sample failed to load")
 
 
@@ -590,11 +793,12 @@ class SyntheticRefDataset(Dataset):
 # ----------------------------------------------------------------------------- public builders
 
 def build_dataset(name, split, root=None, input_size=416, word_len=None, mode=None, skip_bad=False,
-                  seed=0, num_samples=None):
+                  seed=0, num_samples=None, verbose=True):
     """A map-style dataset of `name` / `split`; see the module docstring for layouts and sample keys.
 
     mode: 'train' | 'val' | 'test' (default from the split). num_samples: synthetic split size, or
-    the first N refs of a real split (for quick runs). seed: synthetic only.
+    the first N refs of a real split (for quick runs). seed: synthetic only. verbose: print the split's
+    found vs published ref count (real datasets; also in dataset.split_size).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
@@ -609,16 +813,24 @@ def build_dataset(name, split, root=None, input_size=416, word_len=None, mode=No
         return SyntheticRefDataset(split, mode, input_size, word_len, seed, num_samples)
     if root is None:
         raise ValueError(f"{name} needs root=: the folder holding the REFER release or the prepared folder")
-    return RefDataset(root, name, split, mode, input_size, word_len, skip_bad, num_samples)
+    return RefDataset(root, name, split, mode, input_size, word_len, skip_bad, num_samples, verbose)
 
 
 _LIST_KEYS = ('sentences', 'inverse', 'orig_size', 'orig_mask')
 
 
 def collate(samples):
-    """Batch dict: fixed-size tensors stacked, ints as a LongTensor, variable-size items as lists."""
+    """Batch dict: fixed-size tensors stacked, ints as a LongTensor, variable-size items as lists.
+
+    Samples that failed to load (skip_bad, see RefDataset.__getitem__) are left out; their entries are
+    in batch['bad_samples'], present only when there are some. A batch of failures only is
+    {'bad_samples': [...]}, with no other key."""
+    bad = [entry for s in samples for entry in s.get('bad_samples', ())]
+    samples = [s for s in samples if 'image' in s]
     batch = {}
-    for key in samples[0]:
+    for key in (samples[0] if samples else ()):
+        if key == 'bad_samples':
+            continue
         vals = [s[key] for s in samples]
         if key in _LIST_KEYS or (key == 'tokens' and vals[0].dim() == 2):  # test tokens: [n_sent, L] each
             batch[key] = vals
@@ -626,6 +838,8 @@ def collate(samples):
             batch[key] = torch.stack(vals)
         else:
             batch[key] = torch.tensor(vals)
+    if bad:
+        batch['bad_samples'] = bad
     return batch
 
 
@@ -682,10 +896,15 @@ def _atomic_write(path, data):
     os.replace(tmp, path)
 
 
-def prepare(root, dataset, out_dir):
+def prepare(root, dataset, out_dir, skip_bad=False):
     """Write the authors' prepared folder (anns/<dataset>/<split>.json, masks/<dataset>/<ref_id>.png)
-    from the REFER release under root. Resumable: masks already written are kept. Images are not
-    copied: <out_dir>/images/train2014 becomes a link to root's images when it does not exist."""
+    from the REFER release under root. Resumable: complete masks already written are kept (a truncated
+    one is rewritten). Images are not copied: <out_dir>/images/train2014 becomes a link to root's images
+    when it does not exist, and each is checked as training checks it.
+
+    Prints each split's found vs published ref count. A bad ref (see RefDataset) raises its error; with
+    skip_bad it gets no json entry and no mask, and the skipped refs are printed at the end. Returns
+    them: bad_samples entries plus 'split'."""
     from tqdm import tqdm
     if dataset not in DATASETS or dataset == 'synthetic':
         raise ValueError(f"cannot prepare {dataset!r}; valid: {', '.join(d for d in DATASETS if d != 'synthetic')}")
@@ -697,18 +916,20 @@ def prepare(root, dataset, out_dir):
     if not os.path.exists(out_img) and not os.path.isdir(os.path.join(out_dir, 'train2014')):
         os.makedirs(os.path.dirname(out_img), exist_ok=True)
         os.symlink(os.path.abspath(img_dir), out_img)
+    bad, checked = [], {}
     for split in DATASETS[dataset]['splits']:
         records = _read_refer(root, dataset, split)
-        items = []
+        print(_split_size_line(dataset, split, len(records), f"{root}, refer layout"))
+        items, n_bad = [], len(bad)
         for rec in tqdm(records, desc=f"{dataset} {split}"):
-            err = _check_record(rec)
-            if err is not None:
-                raise err
-            path = os.path.join(mask_dir, f"{rec['ref_id']}.png")
-            if not os.path.isfile(path):
-                h, w = rec['size']
-                png = cv2.imencode('.png', segmentation_to_mask(rec['segmentation'], h, w) * np.uint8(255))[1]
-                _atomic_write(path, png.tobytes())  # a killed run leaves no half-written mask to skip later
+            problem = _record_problem(rec, checked)
+            if problem is None:
+                problem = _write_mask(rec, os.path.join(mask_dir, f"{rec['ref_id']}.png"))
+            if problem is not None:
+                if not skip_bad:
+                    _raise_bad(problem[0])
+                bad.append({**_bad_entry(rec, problem[1], problem[0]), 'split': split})
+                continue
             x, y, bw, bh = rec['bbox']
             items.append({'bbox': [int(x), int(y), int(x) + int(bw), int(y) + int(bh)],
                           'cat': _coco_cat(rec['category_id']), 'segment_id': rec['ref_id'],
@@ -716,7 +937,32 @@ def prepare(root, dataset, out_dir):
                           'sentences': [{'idx': i, 'sent_id': sid, 'sent': s}
                                         for i, (sid, s) in enumerate(zip(rec['sent_ids'], rec['sentences']))],
                           'sentences_num': len(rec['sentences'])})
-        _atomic_write(os.path.join(ann_dir, f'{split}.json'), json.dumps(items).encode())
+        path = os.path.join(ann_dir, f'{split}.json')
+        _atomic_write(path, json.dumps(items).encode())
+        skipped = f", skipped {len(bad) - n_bad} bad refs" if len(bad) > n_bad else ""
+        print(f"{dataset} {split}: wrote {len(items)} refs to {path}{skipped}")
+    if bad:
+        print(f"{dataset}: skipped {len(bad)} bad refs (no json entry, no mask):")
+        for b in bad:
+            print(f"  {b['split']}: {b['error']}")
+    return bad
+
+
+def _write_mask(rec, path):
+    """Rasterise a record's mask to `path` unless a complete one is there; (error, file) when it fails."""
+    if os.path.isfile(path):
+        try:
+            check_image_file(path)
+            return None
+        except ValueError:
+            pass  # truncated, e.g. by a full disk: written again below
+    h, w = rec['size']
+    try:
+        mask = segmentation_to_mask(rec['segmentation'], h, w)
+    except ValueError as e:
+        return ValueError(f"{_who(rec)}: bad segmentation in {rec['source']}: {e}; fix the annotation"), rec['source']
+    _atomic_write(path, cv2.imencode('.png', mask * np.uint8(255))[1].tobytes())  # a killed run leaves no half mask
+    return None
 
 
 # ----------------------------------------------------------------------------- a tiny fake REFER release
@@ -778,13 +1024,16 @@ def fake_refer_release(root, dataset='refcoco', n_images=8, refs_per_image=2, si
     return refs
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
     pp = sub.add_parser('prepare', help='write anns/ + masks/ from the REFER release')
     pp.add_argument('--root', required=True)
     pp.add_argument('--data', required=True, choices=[d for d in DATASETS if d != 'synthetic'])
     pp.add_argument('--out', required=True)
+    pp.add_argument('--skip-bad', action='store_true',
+                    help='leave out refs with bad data (missing or truncated image, bad segmentation, empty '
+                         'sentence) and list them at the end, instead of stopping at the first')
     pb = sub.add_parser('bench', help='loader samples/s')
     pb.add_argument('--data', default='synthetic', choices=list(DATASETS))
     pb.add_argument('--root')
@@ -799,9 +1048,9 @@ def main():
     pf.add_argument('--data', default='refcoco', choices=[d for d in DATASETS if d != 'synthetic'])
     pf.add_argument('--images', type=int, default=8)
     pf.add_argument('--refs-per-image', type=int, default=2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.cmd == 'prepare':
-        prepare(args.root, args.data, args.out)
+        return prepare(args.root, args.data, args.out, args.skip_bad)
     elif args.cmd == 'bench':
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # a fake release has other split sizes than the paper's

@@ -17,19 +17,21 @@ import cv2
 import numpy as np
 import torch
 
-from dataset import to_input
+from dataset import read_image_file, to_input
 from evaluate import add_caption, load_model, masks_to_original, overlay
 from tokenizer import tokenize
 
 
 def read_image(image):
-    """A path (any format OpenCV reads) or an RGB uint8 array [H,W,3] / gray [H,W] -> RGB uint8 [H,W,3]."""
+    """A path (any format OpenCV reads; a truncated JPEG or PNG is an error, not grey rows) or an RGB uint8
+    array [H,W,3] / gray [H,W] -> RGB uint8 [H,W,3]."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise FileNotFoundError(f"image {os.fspath(image)!r} not found")
-        bgr = cv2.imread(os.fspath(image), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"image {os.fspath(image)!r} could not be decoded: not an image OpenCV can read")
+        try:
+            bgr = read_image_file(os.fspath(image), cv2.IMREAD_COLOR, any_format=True)
+        except ValueError as e:
+            raise ValueError(f"image {e}; give a complete image file") from None
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):

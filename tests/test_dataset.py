@@ -164,9 +164,10 @@ def test_polygon_hand_cases():
     # clipped to the image; a repeated vertex changes nothing
     assert D.segmentation_to_mask([[-3, -2, 20, -1, 20, 15, -2, 14]], 12, 16).sum() == 192
     assert D.segmentation_to_mask([[3, 3, 3, 3, 8, 3, 8, 8, 3, 8]], 12, 12).sum() == 25
-    # pycocotools reads a first entry of 4 numbers as an [x, y, w, h] box (its own result: 5100 px)
-    box = D.segmentation_to_mask([[10.5, 20.25, 100.0, 50.5]], 480, 640)
-    assert box.sum() == 5100 and np.nonzero(box.any(0))[0][[0, -1]].tolist() == [11, 110]
+    # 4 numbers are a 2-point part, not an [x, y, w, h] box: pycocotools takes boxes only as numpy arrays (from
+    # a json list its frPyObjects raises TypeError), so a lone one is an error rather than a silent box
+    with pytest.raises(ValueError, match="no polygon of 3 or more points"):
+        D.segmentation_to_mask([[10.5, 20.25, 100.0, 50.5]], 480, 640)
 
 
 def test_polygon_counts_equal_pycocotools():
@@ -384,24 +385,23 @@ def test_prepared_folder_by_hand(tmp_path):
 def test_missing_image(refer_root):
     path = os.path.join(refer_root, 'images', 'train2014', 'COCO_train2014_000000000011.jpg')
     os.remove(path)
-    with pytest.raises(FileNotFoundError, match="ref 100: image file .*000000000011.jpg is missing"):
+    with pytest.raises(FileNotFoundError, match=r"ref 100 \(annotation 1\): image file .*000000000011.jpg is missing"):
         build('refcoco', 'train', root=refer_root)
     with pytest.warns(UserWarning, match="skipped 1 bad refs of 2"):
         ds = D.build_dataset('refcoco', 'train', root=refer_root, skip_bad=True)
     assert len(ds) == 1 and ds.bad_samples[0]['ref_id'] == 100 and '000000000011.jpg' in ds.bad_samples[0]['error']
 
 
-def test_corrupt_image_at_load(refer_root):
+@pytest.mark.filterwarnings("ignore:.*refs \\(the paper's split\\)")
+def test_corrupt_image_found_when_built(refer_root):
     path = os.path.join(refer_root, 'images', 'train2014', 'COCO_train2014_000000000011.jpg')
     with open(path, 'wb') as f:
         f.write(b'not a jpeg at all')
-    ds = build('refcoco', 'train', root=refer_root)
-    with pytest.raises(RuntimeError, match="ref 100: image .*000000000011.jpg cannot be decoded"):
-        ds[0]
+    with pytest.raises(ValueError, match=r"ref 100 \(annotation 1\): image file .*000000000011.jpg is neither a JPEG"):
+        build('refcoco', 'train', root=refer_root)
     ds = build('refcoco', 'train', root=refer_root, skip_bad=True, mode='test')
-    with pytest.warns(UserWarning, match="skipping bad sample"):
-        s = ds[0]
-    assert s['index'] == 1 and s['ref_id'] == 101 and ds.bad_samples[0]['ref_id'] == 100
+    s = ds[0]
+    assert s['index'] == 0 and s['ref_id'] == 101 and len(ds) == 1 and ds.bad_samples[0]['ref_id'] == 100
 
 
 @pytest.mark.filterwarnings("ignore:.*refs \\(the paper's split\\)")
@@ -420,7 +420,7 @@ def test_missing_annotation_and_empty_sentence(tmp_path):
     refs[0]['ann_id'] = 1
     with open(os.path.join(root, 'refcoco', 'refs(unc).p'), 'wb') as f:
         pickle.dump(refs, f, protocol=2)
-    with pytest.raises(ValueError, match="ref 101 has an empty sentence"):
+    with pytest.raises(ValueError, match=r"ref 101 \(annotation 2\) has an empty sentence in .*refs\(unc\)\.p"):
         build('refcoco', 'train', root=root)
     ds = build('refcoco', 'train', root=root, skip_bad=True)
     assert len(ds) == 1 and [b['ref_id'] for b in ds.bad_samples] == [101]
@@ -429,16 +429,15 @@ def test_missing_annotation_and_empty_sentence(tmp_path):
 def test_bad_masks_in_prepared_folder(refer_root, tmp_path):
     out = str(tmp_path / 'prep')
     D.prepare(refer_root, 'refcoco', out)
+    with open(os.path.join(out, 'masks', 'refcoco', '101.png'), 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n broken')
+    with pytest.raises(ValueError, match="ref 101: mask file .*101.png is a truncated PNG"):
+        build('refcoco', 'train', root=out)
+    ds = build('refcoco', 'train', root=out, skip_bad=True)
+    assert [b['ref_id'] for b in ds.bad_samples] == [101] and [r['ref_id'] for r in ds.records] == [100]
     os.remove(os.path.join(out, 'masks', 'refcoco', '100.png'))
     with pytest.raises(FileNotFoundError, match="ref 100: mask file .*100.png is missing"):
         build('refcoco', 'train', root=out)
-    with open(os.path.join(out, 'masks', 'refcoco', '101.png'), 'wb') as f:
-        f.write(b'\x89PNG broken')
-    ds = build('refcoco', 'train', root=out, skip_bad=True)
-    assert [b['ref_id'] for b in ds.bad_samples] == [100]
-    with pytest.warns(UserWarning, match="101.png cannot be decoded"):
-        with pytest.raises(RuntimeError, match="every sample failed"):
-            ds[0]
 
 
 def test_corrupt_rle_names_ref(tmp_path):
@@ -448,8 +447,8 @@ def test_corrupt_rle_names_ref(tmp_path):
     inst = json.load(open(path))
     inst['annotations'][2]['segmentation']['counts'] = 'T'
     json.dump(inst, open(path, 'w'))
-    with pytest.raises(RuntimeError, match="ref 102: bad segmentation"):
-        build('refcoco', 'val', root=root)[0]
+    with pytest.raises(ValueError, match=r"ref 102 \(annotation 3\): bad segmentation .*corrupt compressed RLE"):
+        build('refcoco', 'val', root=root)
 
 
 # ----------------------------------------------------------------------------- collate, loaders
@@ -502,3 +501,258 @@ def test_fake_release_and_throughput(tmp_path):
     assert len(ds) == 2 and kinds <= {'list', 'dict'} and ds[0]['orig_mask'].sum() > 0
     rate = D.loader_throughput(ds, 0, 2, 3)
     assert rate > 0
+
+
+# ----------------------------------------------------------------------------- bad data: truncated files
+
+def _encoded(ext, h=H, w=W, seed=1):
+    img = np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8)
+    return cv2.imencode(ext, img)[1].tobytes()
+
+
+def _truncate(path, keep=0.5):
+    data = open(path, 'rb').read()
+    with open(path, 'wb') as f:
+        f.write(data[:int(len(data) * keep)])
+
+
+def test_image_file_checks(tmp_path):
+    for ext, truncated in (('.jpg', 'truncated JPEG'), ('.png', 'truncated PNG')):
+        data = _encoded(ext)
+        path = str(tmp_path / f'a{ext}')
+        with open(path, 'wb') as f:
+            f.write(data)
+        D.check_image_file(path)
+        np.testing.assert_array_equal(D.read_image_file(path), cv2.imread(path))
+        # padding or a trailer after the end marker is tolerated and decodes the same
+        with open(path, 'ab') as f:
+            f.write(b'\0' * 1000)
+        D.check_image_file(path)
+        np.testing.assert_array_equal(D.read_image_file(path), cv2.imread(path))
+        for cut in (len(data) // 2, len(data) - 1):  # half the file, or only the last byte, missing
+            with open(path, 'wb') as f:
+                f.write(data[:cut])
+            with pytest.raises(ValueError, match=f"{path} is a {truncated}"):
+                D.check_image_file(path)
+            with pytest.raises(ValueError, match=f"{path} is a {truncated}"):
+                D.read_image_file(path)
+    empty = tmp_path / 'empty.jpg'
+    empty.write_bytes(b'')
+    with pytest.raises(ValueError, match="empty.jpg is empty"):
+        D.check_image_file(str(empty))
+    junk = tmp_path / 'junk.jpg'
+    junk.write_bytes(b'not a jpeg at all')
+    with pytest.raises(ValueError, match="neither a JPEG nor a PNG"):
+        D.check_image_file(str(junk))
+    D.check_image_file(str(junk), any_format=True)  # other formats are left to the decoder
+    with pytest.raises(ValueError, match="junk.jpg could not be decoded"):
+        D.read_image_file(str(junk), any_format=True)
+    bmp = str(tmp_path / 'b.bmp')
+    cv2.imwrite(bmp, np.full((4, 5, 3), 9, np.uint8))
+    assert D.read_image_file(bmp, any_format=True).shape == (4, 5, 3)
+
+
+IMG11 = ('images', 'train2014', 'COCO_train2014_000000000011.jpg')
+
+
+@pytest.mark.filterwarnings("ignore:.*refs \\(the paper's split\\)")
+def test_truncated_image_found_when_built(refer_root):
+    path = os.path.join(refer_root, *IMG11)
+    good = build('refcoco', 'train', root=refer_root, input_size=64, mode='test')[1]
+    _truncate(path)
+    assert cv2.imread(path) is not None  # what made this silent: OpenCV decodes it, grey where data is missing
+    with pytest.raises(ValueError, match=r"ref 100 \(annotation 1\): image file .*000000000011\.jpg is a truncated "
+                                         r"JPEG.*--skip-bad"):
+        build('refcoco', 'train', root=refer_root)
+    for mode in ('train', 'val', 'test'):
+        with pytest.warns(UserWarning, match="skipped 1 bad refs of 2"):
+            ds = D.build_dataset('refcoco', 'train', root=refer_root, input_size=64, mode=mode, skip_bad=True)
+        assert [r['ref_id'] for r in ds.records] == [101]
+        assert [{k: b[k] for k in ('ref_id', 'ann_id', 'file')} for b in ds.bad_samples] == \
+            [{'ref_id': 100, 'ann_id': 1, 'file': path}]
+        assert 'truncated JPEG' in ds.bad_samples[0]['error']
+    np.testing.assert_array_equal(ds[0]['orig_mask'], good['orig_mask'])
+    # a file shared by several refs makes each of them bad
+    with pytest.warns(UserWarning, match="skipped 2 bad refs of 2"), pytest.raises(ValueError, match="no usable refs"):
+        D.build_dataset('refcoco', 'testB', root=refer_root, skip_bad=True)
+
+
+@pytest.mark.filterwarnings("ignore:.*refs \\(the paper's split\\)")
+def test_file_gone_bad_after_build_val_test_not_replaced(refer_root):
+    path = os.path.join(refer_root, *IMG11)
+    for mode in ('val', 'test'):
+        ds = build('refcoco', 'train', root=refer_root, input_size=64, mode=mode, skip_bad=True)
+        strict = build('refcoco', 'train', root=refer_root, input_size=64, mode=mode)
+        data = open(path, 'rb').read()
+        _truncate(path)
+        try:
+            with pytest.raises(D.BadSampleError, match=r"ref 100 \(annotation 1\): image .*000000000011\.jpg is a "
+                                                       r"truncated JPEG.*download COCO train2014 again.*--skip-bad"):
+                strict[0]
+            with pytest.warns(UserWarning, match="skipping bad sample"):
+                placeholder = ds[0]
+            # not replaced by the next sample: evaluation would count that one twice
+            assert set(placeholder) == {'bad_samples'}
+            (entry,) = placeholder['bad_samples']
+            assert {k: entry[k] for k in ('ref_id', 'ann_id', 'file', 'index')} == \
+                {'ref_id': 100, 'ann_id': 1, 'file': path, 'index': 0}
+            assert 'truncated JPEG' in entry['error'] and '--skip-bad' not in entry['error']
+            batch = D.collate([placeholder, ds[1]])
+            assert batch['index'].tolist() == [1] and batch['ref_id'].tolist() == [101]
+            assert [b['ref_id'] for b in batch['bad_samples']] == [100] and len(batch['orig_mask']) == 1
+            assert D.collate([placeholder]) == {'bad_samples': [entry]}
+            assert 'bad_samples' not in D.collate([ds[1]])
+            assert ds.bad_samples == []  # load-time findings travel with the batch, not in a worker's copy
+        finally:
+            with open(path, 'wb') as f:
+                f.write(data)
+
+
+@pytest.mark.filterwarnings("ignore:.*refs \\(the paper's split\\)")
+def test_bad_samples_reach_the_main_process_from_workers(refer_root):
+    ds = build('refcoco', 'train', root=refer_root, input_size=64, mode='test', skip_bad=True)
+    _truncate(os.path.join(refer_root, *IMG11))
+    batches = list(D.build_loader(ds, 2, train=False, workers=1))
+    assert len(batches) == 1 and batches[0]['index'].tolist() == [1]
+    assert [(b['ref_id'], b['index']) for b in batches[0]['bad_samples']] == [(100, 0)]
+
+
+@pytest.mark.filterwarnings("ignore:.*refs \\(the paper's split\\)")
+def test_file_gone_bad_after_build_train_replaced(refer_root):
+    ds = build('refcoco', 'train', root=refer_root, input_size=64, skip_bad=True)
+    _truncate(os.path.join(refer_root, *IMG11))
+    with pytest.warns(UserWarning, match="skipping bad sample"):
+        s = ds[0]
+    assert s['index'] == 1 and s['ref_id'] == 101 and s['mask'].shape == (1, 64, 64)
+    assert [b['ref_id'] for b in s['bad_samples']] == [100]
+    batch = D.collate([s, ds[1]])
+    assert batch['index'].tolist() == [1, 1] and [b['index'] for b in batch['bad_samples']] == [0]
+    assert set(batch) == {'image', 'tokens', 'mask', 'ref_id', 'index', 'bad_samples'}
+
+
+def test_truncated_mask_in_prepared_folder(refer_root, tmp_path):
+    out = str(tmp_path / 'prep')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        D.prepare(refer_root, 'refcoco', out)
+    mask = os.path.join(out, 'masks', 'refcoco', '101.png')
+    _truncate(mask, 0.9)
+    with pytest.raises(ValueError, match=r"ref 101: mask file .*101\.png is a truncated PNG.*prepare"):
+        build('refcoco', 'train', root=out)
+    assert [b['ref_id'] for b in build('refcoco', 'train', root=out, skip_bad=True).bad_samples] == [101]
+    # prepare rewrites a truncated mask (a complete one is kept, as before)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        D.prepare(refer_root, 'refcoco', out)
+    D.check_image_file(mask)
+    assert len(build('refcoco', 'train', root=out)) == 2
+
+
+# ----------------------------------------------------------------------------- bad data: degenerate polygons
+
+REAL = [2.5, 2, 12, 2.5, 13.5, 10, 2, 9.5]
+REAL_COUNTS = '[17<1000000000000001O2N4Lo5'  # pycocotools 2.0.11 frPyObjects([REAL], 20, 24)
+
+
+def test_degenerate_polygons_rule():
+    h, w = 20, 24
+    real = D.rle_decode(D.rle_from_string(REAL_COUNTS), h, w)
+    assert real.sum() == 84
+    np.testing.assert_array_equal(D.segmentation_to_mask([REAL], h, w), real)
+    # odd coordinate count: floor(n/2) points, the last number dropped, as pycocotools' frPoly
+    np.testing.assert_array_equal(D.segmentation_to_mask([REAL + [7]], h, w), real)
+    tri = D.segmentation_to_mask([[2.5, 2, 12, 2.5, 13.5, 10, 99]], h, w)
+    np.testing.assert_array_equal(tri, D.rle_decode(D.rle_from_string('n11c0001O1O001O1O10O2O3Mn5'), h, w))
+    assert tri.sum() == 35
+    # a part of fewer than 3 points covers nothing and is ignored, wherever it stands (pycocotools: an empty
+    # part after a polygon; a 4-number FIRST part makes it crash, TypeError in frBbox)
+    for seg in ([REAL, [15, 15]], [REAL, []], [REAL, [2, 3, 15, 14]], [REAL, [2, 3, 15, 14, 1]],
+                [[2, 3, 15, 14], REAL], [[5, 6], REAL], [[], REAL]):
+        np.testing.assert_array_equal(D.segmentation_to_mask(seg, h, w), real, err_msg=str(seg))
+    # a polygon of 3+ points that encloses no pixel centre gives an empty mask, as pycocotools
+    assert D.segmentation_to_mask([[1, 15, 8, 15, 20, 15]], h, w).sum() == 0
+    assert D.segmentation_to_mask([[100, 100, 110, 100, 110, 110]], h, w).sum() == 0
+    # no part of 3+ points: an error, not an empty mask nor a box
+    for seg in ([], [[]], [[5, 6]], [[2, 3, 5, 4]], [[2, 3, 5, 4], [10, 10, 3, 3]], [[1, 2, 3, 4, 5]]):
+        with pytest.raises(ValueError, match="no polygon of 3 or more points"):
+            D.segmentation_to_mask(seg, h, w)
+        with pytest.raises(ValueError, match="no polygon of 3 or more points"):
+            D.check_segmentation(seg, h, w)
+    with pytest.raises(ValueError, match="polygon 1 has a non-finite coordinate"):
+        D.segmentation_to_mask([REAL, [2, 2, 12, float('nan'), 5, 5]], h, w)
+    with pytest.raises(ValueError, match="polygon 0 is not a list of numbers"):
+        D.segmentation_to_mask([[2, 2, 12, 'a', 5, 5]], h, w)
+    with pytest.raises(ValueError, match="polygon 0 is not a flat"):
+        D.segmentation_to_mask([[[2, 2], [12, 2], [12, 10]]], h, w)
+    with pytest.raises(ValueError, match="polygon 0 is not a flat"):
+        D.segmentation_to_mask(REAL, h, w)  # one polygon not wrapped in a list
+    with pytest.raises(ValueError, match="neither a polygon list nor an RLE dict"):
+        D.segmentation_to_mask(None, h, w)
+    with pytest.raises(ValueError, match="RLE dict needs 'size' and 'counts'"):
+        D.check_segmentation({'counts': '5'}, h, w)
+    with pytest.raises(ValueError, match="sum to 479"):
+        D.check_segmentation({'size': [h, w], 'counts': [479]}, h, w)
+
+
+def _write_segmentations(root, segs):
+    """Replace the fixture annotations' segmentations (annotation id -> segmentation)."""
+    path = os.path.join(root, 'refcoco', 'instances.json')
+    inst = json.load(open(path))
+    for a in inst['annotations']:
+        if a['id'] in segs:
+            a['segmentation'] = segs[a['id']]
+    json.dump(inst, open(path, 'w'))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:.*refs \\(the paper's split\\)")
+@pytest.mark.parametrize('seg', [[], [[]], [[5, 6]], [[4, 5, 20, 15]], [[4, 5, 20, 15], [1, 1, 3, 3]],
+                                 [[4, 5, 9, 9], [4, 5, 20, 5, 20, 15]], [[4, 5, 20, 5, 20, float('nan')]],
+                                 {'size': [H, W], 'counts': 'T'}, {'size': [H + 1, W], 'counts': [H * W + W]}])
+def test_bad_segmentation_names_ref_and_annotation(tmp_path, seg):
+    root = str(tmp_path / 'r')
+    write_refer(root)
+    inst = _write_segmentations(root, {2: seg})
+    if seg == [[4, 5, 9, 9], [4, 5, 20, 5, 20, 15]]:  # a 2-point part before a real polygon: ignored
+        m = build('refcoco', 'train', root=root, mode='test')[1]['orig_mask']
+        np.testing.assert_array_equal(m, D.segmentation_to_mask([[4, 5, 20, 5, 20, 15]], H, W))
+        return
+    with pytest.raises(ValueError, match=rf"ref 101 \(annotation 2\): bad segmentation in {inst}"):
+        build('refcoco', 'train', root=root)
+    ds = build('refcoco', 'train', root=root, skip_bad=True)
+    assert [r['ref_id'] for r in ds.records] == [100]
+    assert [(b['ref_id'], b['ann_id'], b['file']) for b in ds.bad_samples] == [(101, 2, inst)]
+    with pytest.raises(ValueError, match=r"ref 101 \(annotation 2\): bad segmentation"):
+        D.prepare(root, 'refcoco', str(tmp_path / 'prep'))
+
+
+# ----------------------------------------------------------------------------- bad data: prepare, split sizes
+
+def test_prepare_skip_bad_and_split_sizes(tmp_path, capsys):
+    root, out = str(tmp_path / 'r'), str(tmp_path / 'prep')
+    write_refer(root)
+    _write_segmentations(root, {2: [[]]})  # ref 101 (train)
+    _truncate(os.path.join(root, 'images', 'train2014', 'COCO_train2014_000000000010.jpg'))  # refs 101, 103
+    with pytest.raises(ValueError, match=r"ref 101 \(annotation 2\)"):
+        D.main(['prepare', '--root', root, '--data', 'refcoco', '--out', out])
+    capsys.readouterr()
+    bad = D.main(['prepare', '--root', root, '--data', 'refcoco', '--out', out, '--skip-bad'])
+    printed = capsys.readouterr().out
+    assert [(b['split'], b['ref_id'], b['ann_id']) for b in bad] == [('train', 101, 2), ('testA', 103, 4)]
+    for split, found, published in (('train', 2, 42404), ('val', 1, 3811), ('testA', 2, 1975), ('testB', 2, 1810)):
+        assert f"refcoco {split}: found {found} refs, published {published}" in printed
+    assert "refcoco: skipped 2 bad refs (no json entry, no mask):\n  train: ref 101 (annotation 2): image file" in printed
+    assert "\n  testA: ref 103 (annotation 4): image file" in printed
+    ids = {s: [it['segment_id'] for it in json.load(open(os.path.join(out, 'anns', 'refcoco', f'{s}.json')))]
+           for s in ('train', 'val', 'testA', 'testB')}
+    assert ids == {'train': [100], 'val': [102], 'testA': [105], 'testB': [104, 105]}
+    assert sorted(os.listdir(os.path.join(out, 'masks', 'refcoco'))) == ['100.png', '102.png', '104.png', '105.png']
+
+
+def test_split_sizes_printed_when_built(refer_root, capsys):
+    build('refcoco', 'train', root=refer_root)
+    assert capsys.readouterr().out == (f"refcoco train: found 2 refs, published 42404: 42402 fewer, not the paper's "
+                                       f"split ({refer_root}, refer layout)\n")
+    assert D._split_size_line('refcoco', 'val', 3811, 'R') == \
+        "refcoco val: found 3811 refs, published 3811: the paper's split (R)"
+    assert D._split_size_line('refcoco+', 'testB', 1800, 'R').endswith("1798: 2 more, not the paper's split (R)")

@@ -63,6 +63,14 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
         predict(net, str(junk), "a cat")
     with pytest.raises(ValueError, match="uint8"):
         predict(net, image.astype(np.float32), "a cat")
+    for ext, kind in ((".jpg", "JPEG"), (".png", "PNG")):  # OpenCV alone decodes a truncated JPEG, grey rows
+        data = cv2.imencode(ext, np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))[1].tobytes()
+        cut = tmp_path / f"cut{ext}"
+        cut.write_bytes(data[:len(data) // 2])
+        with pytest.raises(ValueError, match=f"image .*cut{ext} is a truncated {kind}"):
+            predict(net, str(cut), "a cat")
+        cut.write_bytes(data + b"\0" * 64)  # padding after the end marker is fine
+        assert predict(net, str(cut), "a cat").shape == (40, 60)
     for text in ("", "   "):
         with pytest.raises(ValueError, match="text is empty"):
             predict(net, image, text)
