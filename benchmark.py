@@ -1,33 +1,38 @@
 """
-Speed and memory benchmarks of ETRIS (the whole model of paper Fig. 2 on random CLIP weights of the real
-shapes: no download), optionally side by side with the authors' released code on the same weights.
+Speed and memory of ETRIS, beside the recipe: the whole model of paper Fig. 2 on random CLIP weights of the real
+shapes (no download), optionally side by side with the authors' released code on the same weights; and the GPU
+check, one prepared script for a GPU lease.
 
-Measured for one backbone / input size / batch / device:
-- train: a training step (forward, BCE loss, backward, Adam step) in images/s, on fixed tensors (data
-  excluded) and through build_loader (data included); peak memory (CUDA: max allocated; CPU: peak RSS);
+One configuration (backbone, input size, batch, device, options) gives:
+- train: the real training step (train.optimizer_step: forward, BCE, backward, GradScaler, fused Adam) in
+  images/s on fixed tensors, and through dataset.build_loader (data included); peak memory (CUDA: max allocated;
+  CPU: peak RSS);
 - eval forward: images/s of net(images, tokens) under no_grad;
-- eval loop: sentences/s of evaluate.evaluate, the full test protocol (every sentence, warp back to the
-  original size, IoU against the original mask) on a small fake REFER split written by dataset.py;
-- loader: dataset.loader_throughput samples/s.
+- eval loop: sentences/s of evaluate.evaluate, the full test protocol, on --data / --root (test mode);
+- loader: samples/s of the data loader alone.
 
-    python benchmark.py --backbone tiny-ViT --input-size 128 --batch-size 4             # quick
-    python benchmark.py --backbone ViT-B/16 --threads 2 --write BENCHMARKS.md            # 416 px, batch 2
+    python benchmark.py --backbone tiny-ViT --input-size 128 --batch-size 4 --device cpu        # quick
+    python benchmark.py --backbone ViT-B/16 --batch-size 8 --amp fp16 --write BENCHMARKS.md       # one row
     python benchmark.py --backbone ViT-B/16 --authors-repo ~/ETRIS --repeats 5 --write BENCHMARKS.md
+    python benchmark.py --memory-estimate                                    # activation memory per sample
+    python benchmark.py --gpu-check --out gpu_check.md                       # the GPU check (BENCHMARKS.md)
 
---authors-repo PATH runs the authors' model (their checkout, imported at run time from PATH; nothing of it is
-part of this repository) in a second process, with the same weights (tests/parity_fill.py), and alternates
-ours / theirs measurements (A B A B ...) so that load changes hit both; medians are reported. Their training
-step is their ETRIS.forward in train mode (loss inside) + backward + their optimizer (plain Adam); their eval
-loop is their engine.inference on their RefDataset in test mode (batch 1, one forward per sentence, CPU warps),
-its LMDB replaced by an in-memory dict of the same records. Their modules that the timed code does not use
-(loguru, wandb, lmdb, pyarrow, PIL) are stubbed where not installed.
+--authors-repo PATH runs the authors' model (their checkout, imported at run time; nothing of it is part of this
+repository) in a second process with the same weights (parity.py), and alternates ours / theirs (A B A B ...)
+so that load changes hit both; medians are reported. Their step is their ETRIS.forward in train mode (loss
+inside) + backward + their optimizer (plain Adam), under their AMP when --amp fp16; their eval loop is their
+engine.inference on their RefDataset (test mode) of a prepared folder (--root), its LMDB replaced by an
+in-memory dict of the same records. Their modules that the timed code does not use (loguru, wandb, lmdb,
+pyarrow, PIL) are stubbed where not installed.
 """
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,13 +43,7 @@ import types
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# OpenAI's architectures: CLIP(embed_dim, vision_layers, vision_width, patch, grid, context, vocab, text width,
-# text heads, text layers); the authors' CLIP constructor takes the same numbers plus a resolution
-CLIP_SHAPES = {
-    "ViT-B/16": (512, 12, 768, 16, 14, 77, 49408, 512, 8, 12),
-    "RN50": (1024, (3, 4, 6, 3), 64, None, 7, 77, 49408, 512, 8, 12),
-    "RN101": (512, (3, 4, 23, 3), 64, None, 7, 77, 49408, 512, 8, 12),
-}
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the authors' config/refcoco/bridge_*.yaml values for the side-by-side model
 AUTHORS_CFG = {
     "ViT-B/16": dict(word_dim=512, nhead=8, stride=[1, 1, 1], fpn_in=[768, 768, 512]),
@@ -53,19 +52,7 @@ AUTHORS_CFG = {
 }
 
 
-def random_clip_state_dict(backbone, seed=0):
-    """A CLIP state dict with OpenAI's key names and the real shapes of `backbone` (random values; fill with
-    tests/parity_fill.py for comparisons), or the tiny test CLIP for 'tiny-*'."""
-    from clip_loader import CLIP, tiny_clip_state_dict
-    if backbone.startswith("tiny-"):
-        return tiny_clip_state_dict(backbone[len("tiny-"):], seed)
-    if backbone not in CLIP_SHAPES:
-        raise ValueError(f"unknown backbone {backbone!r}: use one of {', '.join(CLIP_SHAPES)}, tiny-ViT, tiny-RN")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        clip = CLIP(*CLIP_SHAPES[backbone], word_len=77)
-    return {k: v for k, v in clip.state_dict().items() if ".connect." not in k}
-
+# ----------------------------------------------------------------------------- measuring
 
 def sync(device):
     if device.type == "cuda":
@@ -96,14 +83,54 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def fake_split(root, input_size, n_images=4):
-    """A small REFER release (640x480 JPEGs) and its prepared folder under root; returns the prepared folder."""
-    from dataset import fake_refer_release, prepare
-    release, prepared = os.path.join(root, "release"), os.path.join(root, "prepared")
-    if not os.path.isdir(os.path.join(prepared, "anns", "refcoco")):
-        fake_refer_release(release, "refcoco", n_images=n_images, refs_per_image=4, size=(480, 640))
-        prepare(release, "refcoco", prepared)
-    return prepared
+def machine(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, torch threads {torch.get_num_threads()} of {os.cpu_count()} cores"
+
+
+def make_inputs(a, device):
+    g = torch.Generator().manual_seed(1234)
+    images = torch.randn(a.batch_size, 3, a.input_size, a.input_size, generator=g)
+    tokens = torch.zeros(a.batch_size, a.word_len, dtype=torch.long)
+    for b in range(a.batch_size):  # alternately a full and a short sentence
+        n = a.word_len - 2 if b % 2 == 0 else 5
+        tokens[b, 0], tokens[b, 1 + n] = 49406, 49407
+        tokens[b, 1:1 + n] = torch.randint(1, 49405, (n,), generator=g)
+    mask = (torch.rand(a.batch_size, 1, a.input_size, a.input_size, generator=g) > 0.5).float()
+    return images.to(device), tokens.to(device), mask.to(device)
+
+
+def eval_dataset(a):
+    from dataset import DATASETS, build_dataset
+    split = a.split if a.split in DATASETS[a.data]["splits"] else "test"
+    return build_dataset(a.data, split, root=a.root, input_size=a.input_size, word_len=a.word_len, mode="test",
+                         num_samples=a.eval_samples, verbose=False)
+
+
+def loader_throughput(dataset, workers, batch_size, n_batches):
+    """Samples per second through dataset.build_loader, after one warm-up batch (worker start-up excluded)."""
+    from dataset import build_loader
+    loader = build_loader(dataset, batch_size, workers)
+    it = iter(loader)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(n_batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        n += len(batch["index"])
+    return n / (time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- the two sides
@@ -112,30 +139,31 @@ class Ours:
     """Our model with the fast-path options; every method returns seconds (or a dict)."""
 
     def __init__(self, a, device):
+        from clip_loader import random_clip_state_dict
         from model import build_model
+        from parity import fill_
         self.a, self.device = a, device
         net = build_model(a.backbone, clip_weights=random_clip_state_dict(a.backbone), input_size=a.input_size,
                           word_len=a.word_len)
         if a.fill:
-            from tests.parity_fill import fill_
             fill_(net)
-        net.to(device)
+        net.set_grad_checkpointing(a.grad_checkpointing).to(device)
         if a.channels_last:
             net.to(memory_format=torch.channels_last)
-        if a.checkpoint_backbone:
-            net.checkpoint_backbone()
         self.net = net
         self.fwd = torch.compile(net) if a.compile else net
-        params = [p for p in net.parameters() if p.requires_grad]
-        # fused Adam: one kernel over all parameters instead of ~6 per parameter tensor (CPU and CUDA)
-        self.opt = torch.optim.Adam(params, lr=1e-4, fused=device.type in ("cpu", "cuda"))
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=1e-4, fused=True)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if a.amp == "fp16" else 1.0)
         self.inputs = make_inputs(a, device)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.a.bf16)
+        dtype = AMP_DTYPES[self.a.amp]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def train_step(self, images=None, tokens=None, mask=None):
         from loss import segmentation_loss
+        from train import optimizer_step
         if images is None:
             images, tokens, mask = self.inputs
         if self.a.channels_last:
@@ -143,10 +171,8 @@ class Ours:
         self.net.train()
         with Timer(self.device) as t:
             with self.autocast():
-                loss = segmentation_loss(self.fwd(images, tokens).float(), mask)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+                loss = segmentation_loss(self.fwd(images, tokens), mask)
+            optimizer_step(loss, self.opt, self.scaler, self.params, self.a.amp)
         return t.wall, t.cpu
 
     @torch.no_grad()
@@ -161,8 +187,8 @@ class Ours:
         """images/s of training steps fed by build_loader (worker start-up and one warm-up batch excluded)."""
         from dataset import build_dataset, build_loader
         ds = build_dataset(self.a.data, "train", root=self.a.root, input_size=self.a.input_size,
-                           word_len=self.a.word_len, num_samples=self.a.batch_size * (steps + 1))
-        it = iter(build_loader(ds, self.a.batch_size, train=True, workers=self.a.workers))
+                           word_len=self.a.word_len, num_samples=self.a.batch_size * (steps + 1), verbose=False)
+        it = iter(build_loader(ds, self.a.batch_size, self.a.workers, pin_memory=self.device.type == "cuda"))
         n, elapsed = 0, 0.0
         for i in range(steps + 1):
             t0 = time.perf_counter()
@@ -173,14 +199,14 @@ class Ours:
                 n += b["image"].shape[0]
         return n / elapsed
 
-    def eval_loop(self, prepared, split):
-        from dataset import build_dataset, build_loader
+    def eval_loop(self):
+        from dataset import build_loader
         from evaluate import evaluate
-        ds = build_dataset("refcoco", split, root=prepared, input_size=self.a.input_size, word_len=self.a.word_len)
-        loader = build_loader(ds, self.a.eval_batch_size, train=False, workers=self.a.workers)
+        loader = build_loader(eval_dataset(self.a), self.a.eval_batch_size, self.a.workers,
+                              pin_memory=self.device.type == "cuda")
         t0 = time.perf_counter()
         with self.autocast():
-            out = evaluate(self.fwd, loader, self.device)
+            out = evaluate(self.net, loader, self.device)
         return dict(seconds=time.perf_counter() - t0, n=out["n"], mIoU=out["mIoU"])
 
 
@@ -205,19 +231,16 @@ class Authors:
         sys.path.insert(0, repo)
         import torch.nn as nn
         from model.bridger import Bridger_RN, Bridger_ViT
-        from model.clip import CLIP, build_model
+        from model.clip import build_model
         from model.layers import GA, HA, Projector
         from model.segmenter import ETRIS
-        from tests.parity_fill import fill_
+        from clip_loader import random_clip_state_dict
+        from parity import fill_
         if a.backbone not in AUTHORS_CFG:
             raise ValueError(f"--authors-repo compares {', '.join(AUTHORS_CFG)} only (the authors' Bridger taps "
                              f"fixed blocks 4/8/12), not {a.backbone}")
         self.a, self.device = a, device
-        s = CLIP_SHAPES[a.backbone]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            sd = CLIP(s[0], s[4] * (s[3] or 32), s[1], s[2], s[3], s[5], a.word_len, *s[6:]).state_dict()
-        sd = {k: v for k, v in sd.items() if ".connect." not in k}
+        sd = random_clip_state_dict(a.backbone)
         vit = a.backbone.startswith("ViT")
         cfg = AUTHORS_CFG[a.backbone]
         net = ETRIS.__new__(ETRIS)
@@ -232,8 +255,9 @@ class Authors:
         net.proj = Projector(cfg["word_dim"], 256, 3)
         fill_(net)
         self.net = net.to(device)
-        # their train.py: Adam over the trainable parameters, no fused/foreach option
+        # their train.py: Adam over the trainable parameters, no fused/foreach option; their AMP: fp16 + GradScaler
         self.opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
         self.inputs = make_inputs(a, device)
         self.repo = repo
 
@@ -241,10 +265,12 @@ class Authors:
         images, tokens, mask = self.inputs
         self.net.train()
         with Timer(self.device) as t:
-            _, _, loss = self.net(images, tokens, mask)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.a.amp == "fp16"):
+                _, _, loss = self.net(images, tokens, mask)
             self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         return t.wall, t.cpu
 
     @torch.no_grad()
@@ -255,23 +281,24 @@ class Authors:
             self.net(images, tokens)
         return t.wall, t.cpu
 
-    def eval_loop(self, prepared, split):
+    def eval_loop(self):
         """Their test.py: RefDataset(mode='test') in a DataLoader(batch_size=1, num_workers=1), then
         engine.inference. Their LMDB (tools/folder2lmdb.py records) is an in-memory dict here."""
         import utils.dataset as their_data
         from engine import engine
-        records = json.load(open(os.path.join(prepared, "anns", "refcoco", f"{split}.json")))
+        root, split = self.a.root, self.a.split
+        records = json.load(open(os.path.join(root, "anns", "refcoco", f"{split}.json")))[:self.a.eval_samples]
         db = {b"__len__": len(records), b"__keys__": [str(i).encode() for i in range(len(records))]}
         for i, item in enumerate(records):
             read = lambda path: open(path, "rb").read()
             db[str(i).encode()] = dict(
-                img=read(os.path.join(prepared, "images", "train2014", item["img_name"])),
-                mask=read(os.path.join(prepared, "masks", "refcoco", f"{item['segment_id']}.png")),
+                img=read(os.path.join(root, "images", "train2014", item["img_name"])),
+                mask=read(os.path.join(root, "masks", "refcoco", f"{item['segment_id']}.png")),
                 cat=item["cat"], seg_id=item["segment_id"], img_name=item["img_name"],
                 num_sents=item["sentences_num"], sents=[s["sent"] for s in item["sentences"]])
         their_data.lmdb = types.SimpleNamespace(open=lambda *a, **k: _FakeEnv(db))
         their_data.loads_pyarrow = lambda x: x
-        ds = their_data.RefDataset(lmdb_dir="memory", mask_dir=os.path.join(prepared, "masks", "refcoco"),
+        ds = their_data.RefDataset(lmdb_dir="memory", mask_dir=os.path.join(root, "masks", "refcoco"),
                                    dataset="refcoco", split=split, mode="test", input_size=self.a.input_size,
                                    word_length=self.a.word_len)
         ds._init_db()
@@ -312,41 +339,22 @@ class _FakeEnv:
         return self.db[key]
 
 
-def make_inputs(a, device):
-    g = torch.Generator().manual_seed(1234)
-    images = torch.randn(a.batch_size, 3, a.input_size, a.input_size, generator=g)
-    tokens = torch.zeros(a.batch_size, a.word_len, dtype=torch.long)
-    for b in range(a.batch_size):  # alternately a full and a short sentence
-        n = a.word_len - 2 if b % 2 == 0 else 5
-        tokens[b, 0], tokens[b, 1 + n] = 49406, 49407
-        tokens[b, 1:1 + n] = torch.randint(1, 49405, (n,), generator=g)
-    mask = (torch.rand(a.batch_size, 1, a.input_size, a.input_size, generator=g) > 0.5).float()
-    return images.to(device), tokens.to(device), mask.to(device)
-
-
 # ----------------------------------------------------------------------------- side-by-side driver
 
 def worker(a):
-    """Subprocess loop: builds one side, then answers 'train' / 'eval' / 'loop' requests on stdin with JSON."""
+    """Subprocess loop: builds one side, then answers 'train' / 'eval' / 'loop' / 'memory' requests on stdin."""
     out = sys.stdout
     sys.stdout = sys.stderr  # their code prints; keep the reply channel clean
     device = torch.device(a.device)
     side = Authors(a, device, a.authors_repo) if a.worker == "authors" else Ours(a, device)
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
+    commands = {"train": side.train_step, "eval": side.eval_forward, "loop": side.eval_loop,
+                "memory": lambda: peak_memory_mb(device)}
     for line in sys.stdin:
-        cmd = line.split()
-        if cmd[0] == "train":
-            reply = side.train_step()
-        elif cmd[0] == "eval":
-            reply = side.eval_forward()
-        elif cmd[0] == "loop":
-            reply = side.eval_loop(cmd[1], cmd[2])
-        elif cmd[0] == "memory":
-            reply = peak_memory_mb(device)
-        else:
+        if line.strip() not in commands:
             break
-        out.write(json.dumps(reply) + "\n")
+        out.write(json.dumps(commands[line.strip()]()) + "\n")
         out.flush()
 
 
@@ -373,13 +381,12 @@ class Remote:
 
 
 def side_by_side(a, argv):
-    """Alternate ours / theirs: returns {metric: (our median, their median, our runs, their runs)}, loads."""
-    prepared = fake_split(a.data_dir, a.input_size)
+    """Alternate ours / theirs: returns {side: {metric: runs}}, peak memory per side, load averages."""
     sides = {"ours": Remote("ours", argv), "authors": Remote("authors", argv)}
     runs = {k: {"train": [], "eval": [], "loop": []} for k in sides}
     loads = []
     try:
-        for name in sides:  # warm-up (allocator, oneDNN primitive caches, compile)
+        for name in sides:  # warm-up (allocator, oneDNN / cuDNN primitive caches, compile)
             sides[name].ask("train")
             sides[name].ask("eval")
         for r in range(a.repeats):
@@ -388,11 +395,11 @@ def side_by_side(a, argv):
             for metric in ("train", "eval"):
                 for name in order:
                     runs[name][metric].append(sides[name].ask(metric))
-            if r < a.loop_repeats:
+            if r < a.loop_repeats and a.root:
                 for name in order:
-                    runs[name]["loop"].append(sides[name].ask(f"loop {prepared} {a.split}"))
+                    runs[name]["loop"].append(sides[name].ask("loop"))
             print(f"repeat {r + 1}/{a.repeats}: load {loads[-1]:.1f} " + " ".join(
-                f"{n}:{m}={runs[n][m][-1][0]:.2f}s wall/{runs[n][m][-1][1]:.2f}s cpu" for n in sides
+                f"{n}:{m}={runs[n][m][-1][0]:.3f}s wall/{runs[n][m][-1][1]:.3f}s cpu" for n in sides
                 for m in ("train", "eval")), flush=True)
         memory = {n: sides[n].ask("memory") for n in sides}
     finally:
@@ -402,25 +409,66 @@ def side_by_side(a, argv):
     return runs, memory, loads
 
 
-# ----------------------------------------------------------------------------- reporting
+def side_by_side_row(a, argv, head):
+    worker_argv = [x for x in argv if x != "--write" and not x.endswith(".md")]
+    runs, memory, loads = side_by_side(a, worker_argv)
+    med = {n: {m: [statistics.median(x[k] for x in v) for k in (0, 1)] for m, v in r.items() if v and m != "loop"}
+           for n, r in runs.items()}
+    loop = {n: (sum(x["n"] for x in r["loop"]) / sum(x["seconds"] for x in r["loop"]) if r["loop"] else math.nan)
+            for n, r in runs.items()}
 
-def machine(device):
+    def cell(m):
+        o, t = med["ours"][m], med["authors"][m]
+        return f"{o[0]:.3f} / {t[0]:.3f} ({o[0] / t[0]:.2f}x); cpu {o[1]:.3f} / {t[1]:.3f} ({o[1] / t[1]:.2f}x)"
+    lx = loop["ours"] / loop["authors"]
+    row = "| " + " | ".join(head + [f"{min(loads):.1f}-{max(loads):.1f}", cell("train"), cell("eval"),
+                                    f"{loop['ours']:.3f} / {loop['authors']:.3f} ({lx:.2f}x)",
+                                    f"{memory['ours']:.0f} / {memory['authors']:.0f}"]) + " |"
+    print(f"train step s ours / authors: {cell('train')}\neval forward s ours / authors: {cell('eval')}\n"
+          f"eval loop sentences/s ours / authors: {loop['ours']:.3f} / {loop['authors']:.3f}\n"
+          f"peak MB ours / authors: {memory['ours']:.0f} / {memory['authors']:.0f}")
+    return row
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+def measure(a, device):
+    """Figures of our side for one configuration (see the module docstring); the sections in --skip are NaN."""
+    ours = Ours(a, device)
+    skip = set(a.skip.split(","))
+    for _ in range(a.warmup):  # the first steps pay for autotuning, compilation and allocation
+        ours.train_step()
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, torch threads {torch.get_num_threads()} of {os.cpu_count()} cores"
+        torch.cuda.reset_peak_memory_stats(device)
+    train = statistics.median(ours.train_step()[0] for _ in range(a.steps))
+    memory = peak_memory_mb(device)
+    ours.eval_forward()
+    evalf = statistics.median(ours.eval_forward()[0] for _ in range(a.steps))
+    out = dict(train_img_s=a.batch_size / train, peak_mb=memory, eval_img_s=a.batch_size / evalf,
+               data_img_s=ours.train_with_data(a.steps) if "data" not in skip else math.nan,
+               loop_sent_s=math.nan, loader_samples_s=math.nan)
+    if "loop" not in skip:
+        r = ours.eval_loop()
+        out["loop_sent_s"] = r["n"] / r["seconds"]
+    if "loader" not in skip:
+        from dataset import build_dataset
+        ds = build_dataset(a.data, "train", root=a.root, input_size=a.input_size, word_len=a.word_len,
+                           num_samples=a.batch_size * (a.steps + 1), verbose=False)
+        out["loader_samples_s"] = loader_throughput(ds, a.workers, a.batch_size, a.steps)
+    if a.profile:
+        from torch.profiler import profile
+        for name, fn in (("train step", ours.train_step), ("eval forward", ours.eval_forward)):
+            with profile() as prof:
+                fn()
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"--- {name}: top {a.profile} ops\n" + prof.key_averages().table(sort_by=key, row_limit=a.profile))
+    return out
 
 
 def options(a):
-    return ",".join(o for o, on in (("bf16", a.bf16), ("compile", a.compile), ("channels-last", a.channels_last),
-                                    ("ckpt-backbone", a.checkpoint_backbone)) if on) or "fp32 eager"
+    return ",".join(o for o, on in ((a.amp, a.amp != "off"), ("compile", a.compile), ("cudnn off", not a.cudnn),
+                                    ("channels-last", a.channels_last), ("grad-ckpt", a.grad_checkpointing))
+                    if on) or "fp32 eager"
 
 
 def write_row(path, header, row):
@@ -448,116 +496,242 @@ SBS_HEADER = ("| date | command | machine | torch | options | load (min-max) | t
               "|---|---|---|---|---|---|---|---|---|---|")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+# ----------------------------------------------------------------------------- activation memory, on any machine
+
+def activation_bytes(backbone, input_size, amp, batch, device=torch.device("cpu")):
+    """Bytes of the tensors autograd keeps for backward in one training forward, parameters left out (they are
+    kept anyway): the memory that grows with the batch. Counted on whatever device, so it can be estimated for a
+    GPU on a CPU (the CPU's autocast keeps bf16 where CUDA's keeps fp16: the same two bytes)."""
+    from clip_loader import random_clip_state_dict
+    from loss import segmentation_loss
+    from model import build_model
+    net = build_model(backbone, random_clip_state_dict(backbone), input_size, 17).to(device).train()
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+    a = types.SimpleNamespace(batch_size=batch, input_size=input_size, word_len=17)
+    images, tokens, mask = make_inputs(a, device)
+    dtype = AMP_DTYPES[amp] if device.type == "cuda" or amp == "off" else torch.bfloat16
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        segmentation_loss(net(images, tokens), mask)
+    return sum(saved.values())
+
+
+def memory_estimate(backbones=("ViT-B/16", "RN50", "RN101"), input_size=416, amp="fp16"):
+    """Per backbone: activations per sample, the fixed part (fp32 weights; gradients and two Adam moments of the
+    trained ones), and the per-GPU batch that leaves room on 24, 40 and 80 GB cards. An estimate: it leaves out
+    the backward pass's transient buffers, cuDNN workspaces and allocator fragmentation (hence the 0.6 margin)."""
+    rows = []
+    for backbone in backbones:
+        one, two = (activation_bytes(backbone, input_size, amp, b) for b in (1, 2))
+        from clip_loader import random_clip_state_dict
+        from model import build_model, parameter_counts
+        counts = parameter_counts(build_model(backbone, random_clip_state_dict(backbone), input_size, 17))
+        fixed = 4 * counts["total"] + 3 * 4 * counts["trainable"] + (one - (two - one))
+        per_sample = two - one
+        fits = {gb: max(0, int((0.6 * gb * 2 ** 30 - fixed) // per_sample)) for gb in (24, 40, 80)}
+        rows.append(dict(backbone=backbone, per_sample_mb=per_sample / 2 ** 20, fixed_mb=fixed / 2 ** 20,
+                         batch8_gb=(fixed + 8 * per_sample) / 2 ** 30, batch32_gb=(fixed + 32 * per_sample) / 2 ** 30,
+                         **{f"batch_{gb}gb": n for gb, n in fits.items()}))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the GPU check
+
+def check_configs(device):
+    """(batch, amp, cuDNN, compile) of the training-step figures: the authors' per-GPU batch 8 and batch 32, fp16
+    and bf16, cuDNN off (as the authors' train.py runs) and on, and torch.compile last (the slowest to start)."""
+    if device.type != "cuda":  # the plumbing, tested on the CPU
+        return [(2, "off", True, False), (2, "bf16", True, False)]
+    return [(8, "fp16", True, False), (8, "fp16", False, False), (8, "bf16", True, False),
+            (32, "fp16", True, False), (32, "bf16", True, False), (32, "fp16", False, False),
+            (32, "bf16", True, True)]
+
+
+def run_logged(cmd, report, timeout, **kwargs):
+    """Run cmd; its output's last lines go into the report. Returns the CompletedProcess (None on timeout)."""
+    try:
+        done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired:
+        report(f"    (stopped after {timeout:.0f} s)")
+        return None
+    tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+    report("    " + "\n    ".join(tail))
+    return done
+
+
+def killed_and_resumed_run(a, folder, report, timeout):
+    """`torchrun --nproc_per_node 1 train.py --data synthetic` on random CLIP weights of the real shapes, killed
+    by SIGKILL once it has saved, then resumed with --resume auto to the end."""
+    from clip_loader import random_clip_state_dict
+    clip_file, out = os.path.join(folder, "clip.pt"), os.path.join(folder, "run")
+    torch.save(random_clip_state_dict(a.backbone), clip_file)
+    amp = "fp16" if a.device == "cuda" else "off"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py", "--data", "synthetic",
+           "--backbone", a.backbone, "--clip-weights", clip_file, "--input-size", str(a.input_size),
+           "--batch-size", "4", "--train-samples", "32", "--val-samples", "4", "--epochs", "2", "--workers", "2",
+           "--save-every-steps", "2", "--log-every", "2", "--amp", amp, "--device", a.device, "--output", out,
+           "--resume", "auto"]
+    report(f"- `{' '.join(cmd[3:])}` (via torchrun), killed after its first save, then resumed:")
+    last = os.path.join(out, "last.pth")
+    first = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + timeout / 2
+    while not os.path.exists(last) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = torch.load(last, weights_only=True)["progress"]["global_step"] if os.path.exists(last) else None
+    done = run_logged(cmd, report, max(30.0, deadline + timeout / 2 - time.time()))
+    if done is not None:
+        steps = [json.loads(line)["global_step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+        ok = done.returncode == 0 and "resumed from" in done.stdout and killed_at is not None and \
+            killed_at < 16 and steps == [8, 16]
+        report(f"  {'ok' if ok else 'FAILED'}: killed at step {killed_at} of 16, resumed, exit {done.returncode}, "
+               f"steps at the end of each epoch {steps}")
+
+
+def gpu_check(a, argv):
+    """The GPU check, in this order so that a run cut off by the lease still reports the first parts: the CUDA
+    tests; a short torchrun run killed and resumed; the training step's throughput and peak memory over
+    check_configs; evaluation sentences/s for the full protocol; the authors' step when their checkout is given.
+    Every part appends to --out as soon as it ends; parts that no longer fit in --budget are skipped."""
+    start = time.time()
+    device = torch.device(a.device)
+
+    def report(line):
+        with open(a.out, "a") as f:
+            f.write(line + "\n")
+        print(line, flush=True)
+
+    def left():
+        return a.budget - (time.time() - start)
+    report(f"\n## GPU check, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n`python benchmark.py {' '.join(argv)}` on "
+           f"{machine(device)}, torch {torch.__version__}\n\n1. CUDA tests (`pytest tests/test_cuda.py`):")
+    run_logged([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"], report,
+               min(150.0, left()))
+    report("\n2. Kill and resume under torchrun:")
+    with tempfile.TemporaryDirectory() as folder:
+        killed_and_resumed_run(a, folder, report, min(120.0, left()))
+    report(f"\n3. Training step, {a.backbone} at {a.input_size} px (median of {a.steps} steps after {a.warmup}):\n\n"
+           "| batch | amp | cuDNN | compile | img/s | peak MB | eval fwd img/s | eval loop sent/s |\n"
+           "|---|---|---|---|---|---|---|---|")
+    for i, (batch, amp, cudnn, compiled) in enumerate(check_configs(device)):
+        if left() < (150 if compiled else 40):
+            report(f"| {batch} | {amp} | {'on' if cudnn else 'off'} | {compiled} | skipped: out of time | | | |")
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--backbone", a.backbone, "--input-size", str(a.input_size),
+               "--batch-size", str(batch), "--amp", amp, "--device", a.device, "--steps", str(a.steps),
+               "--warmup", str(a.warmup), "--skip", "data,loader" + ("" if i == 0 else ",loop"), "--json",
+               "--data", a.data, "--split", a.split] + (["--root", a.root] if a.root else []) + \
+              (["--no-cudnn"] if not cudnn else []) + (["--compile"] if compiled else [])
+        try:
+            done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=max(1.0, left()))
+            r = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
+            r, done = None, None
+        cells = [f"{r['train_img_s']:.1f}", f"{r['peak_mb']:.0f}", f"{r['eval_img_s']:.1f}", f"{r['loop_sent_s']:.1f}"] \
+            if r else ["failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:120] if done else "timed out"]
+        report("| " + " | ".join([str(batch), amp, "on" if cudnn else "off", str(compiled)] + cells) + " |")
+    if a.authors_repo and left() > 90:
+        report("\n4. The authors' training step, side by side (fp16, batch 8, their cuDNN setting off for both):")
+        run_logged([sys.executable, os.path.abspath(__file__), "--backbone", a.backbone, "--input-size",
+                    str(a.input_size), "--batch-size", "8", "--amp", "fp16", "--no-cudnn", "--device", a.device,
+                    "--authors-repo", a.authors_repo, "--repeats", "3", "--write", a.out], report, left())
+    elif a.authors_repo:
+        report("\n4. The authors' training step: skipped, out of time")
+    else:
+        report("\n4. The authors' training step: skipped, no --authors-repo (a checkout of github.com/kkakkkka/ETRIS)")
+    report(f"\n(the check took {time.time() - start:.0f} s)")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="ViT-B/16")
     p.add_argument("--input-size", type=int, default=416)
     p.add_argument("--word-len", type=int, default=17)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--eval-batch-size", type=int, default=8, help="refs per evaluate() batch (all their sentences)")
+    p.add_argument("--eval-samples", type=int, default=16, help="refs in the eval loop")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    p.add_argument("--repeats", type=int, default=5, help="side-by-side: ours/theirs alternations")
-    p.add_argument("--loop-repeats", type=int, default=2, help="side-by-side: eval-loop alternations")
-    p.add_argument("--data", default="synthetic", help="dataset for the data-included figures")
-    p.add_argument("--root", default=None)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=5, help="side by side: ours/theirs alternations")
+    p.add_argument("--loop-repeats", type=int, default=2, help="side by side: eval-loop alternations")
+    p.add_argument("--data", default="synthetic", help="dataset of the data-included figures and the eval loop")
+    p.add_argument("--root", default=None, help="its folder (a prepared folder for the authors' eval loop)")
+    p.add_argument("--split", default="testA", help="eval-loop split (synthetic: test)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "etris-bench-data"),
-                   help="where the fake REFER split for the eval loop is written (once)")
-    p.add_argument("--split", default="testA")
-    p.add_argument("--no-fill", dest="fill", action="store_false",
-                   help="keep the random init instead of the parity fill (tests/parity_fill.py)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA; slow on CPUs without bf16 units)")
+    p.add_argument("--no-fill", dest="fill", action="store_false", help="keep the random init, not parity.py's")
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="off", help="autocast dtype (fp16 with GradScaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-cudnn", dest="cudnn", action="store_false", help="cuDNN off, as the authors' train.py")
     p.add_argument("--channels-last", action="store_true", help="channels-last convolutions (CUDA)")
-    p.add_argument("--checkpoint-backbone", action="store_true", help="activation checkpointing of frozen CLIP")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen CLIP in backward")
     p.add_argument("--skip", default="", help="comma list of sections to skip: data,loop,loader")
     p.add_argument("--profile", type=int, default=0, help="print the top N ops of one train step and one eval forward")
     p.add_argument("--authors-repo", default=None, help="the authors' ETRIS checkout: side-by-side comparison")
     p.add_argument("--write", default=None, help="append the result row to this markdown file (BENCHMARKS.md)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON line last")
+    p.add_argument("--memory-estimate", action="store_true", help="activation memory per sample, per backbone")
+    p.add_argument("--gpu-check", action="store_true", help="the prepared GPU check (see gpu_check)")
+    p.add_argument("--out", default="gpu_check.md", help="--gpu-check: the file its figures are appended to")
+    p.add_argument("--budget", type=float, default=400.0, help="--gpu-check: seconds it may take")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.authors_repo and not os.path.isdir(os.path.join(a.authors_repo, "model")):
+        p.error(f"--authors-repo {a.authors_repo} has no model/ folder: give the root of a checkout of "
+                f"github.com/kkakkkka/ETRIS")
+    return a
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.authors_repo and not os.path.isdir(os.path.join(a.authors_repo, "model")):
-        raise FileNotFoundError(f"--authors-repo {a.authors_repo} has no model/ folder: give the root of a "
-                                f"checkout of github.com/kkakkkka/ETRIS")
+    torch.backends.cudnn.enabled = a.cudnn
+    torch.backends.cudnn.benchmark = a.cudnn
     if a.worker:
         return worker(a)
+    if a.gpu_check:
+        return gpu_check(a, argv)
+    if a.memory_estimate:
+        rows = memory_estimate(input_size=a.input_size, amp=a.amp)
+        for r in rows:
+            print(json.dumps(r))
+        return rows
     device = torch.device(a.device)
-    command = "python benchmark.py " + " ".join(argv)
-    stamp = datetime.date.today().isoformat()
-    head = [stamp, f"`{command}`", machine(device), torch.__version__, options(a)]
-
+    head = [datetime.date.today().isoformat(), f"`python benchmark.py {' '.join(argv)}`", machine(device),
+            torch.__version__, options(a)]
     if a.authors_repo:
-        worker_argv = [x for x in argv if x != "--write" and not x.endswith(".md")]
-        runs, memory, loads = side_by_side(a, worker_argv)
-        # medians of wall [0] and CPU [1] seconds
-        med = {n: {m: [statistics.median(x[k] for x in v) for k in (0, 1)] for m, v in r.items() if v and m != "loop"}
-               for n, r in runs.items()}
-        loop = {n: sum(x["n"] for x in r["loop"]) / sum(x["seconds"] for x in r["loop"]) for n, r in runs.items()}
-        for n in runs:
-            print(f"{n}: train step runs (wall, cpu) {[(round(w, 2), round(c, 2)) for w, c in runs[n]['train']]}, "
-                  f"eval fwd runs {[(round(w, 2), round(c, 2)) for w, c in runs[n]['eval']]}, loop (s, sentences, mIoU) "
-                  f"{[(round(x['seconds'], 2), x['n'], round(x['mIoU'], 2)) for x in runs[n]['loop']]}")
-        ratio = {m: [med["ours"][m][k] / med["authors"][m][k] for k in (0, 1)] for m in ("train", "eval")}
-        lx = loop["ours"] / loop["authors"]
-
-        def cell(m):
-            o, t, r = med["ours"][m], med["authors"][m], ratio[m]
-            return f"{o[0]:.2f} / {t[0]:.2f} ({r[0]:.2f}x); cpu {o[1]:.2f} / {t[1]:.2f} ({r[1]:.2f}x)"
-        print(f"train step s ours / authors: {cell('train')}\neval forward s ours / authors: {cell('eval')}\n"
-              f"eval loop: ours {loop['ours']:.3f} sent/s, authors {loop['authors']:.3f} sent/s ({lx:.2f}x)\n"
-              f"load average {min(loads):.1f}-{max(loads):.1f}")
-        row = "| " + " | ".join(head + [
-            f"{min(loads):.1f}-{max(loads):.1f}", cell("train"), cell("eval"),
-            f"{loop['ours']:.3f} / {loop['authors']:.3f} ({lx:.2f}x)",
-            f"{memory['ours']:.0f} / {memory['authors']:.0f}"]) + " |"
+        row = side_by_side_row(a, argv, head)
         if a.write:
             write_row(a.write, SBS_HEADER, row)
         return
-
     load0 = os.getloadavg()[0]
-    ours = Ours(a, device)
-    ours.train_step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    train = statistics.median(ours.train_step()[0] for _ in range(a.steps))
-    memory = peak_memory_mb(device)
-    ours.eval_forward()
-    evalf = statistics.median(ours.eval_forward()[0] for _ in range(a.steps))
-    skip = set(a.skip.split(","))
-    data = ours.train_with_data(a.steps) if "data" not in skip else float("nan")
-    loop = float("nan")
-    if "loop" not in skip:
-        r = ours.eval_loop(fake_split(a.data_dir, a.input_size), a.split)
-        loop = r["n"] / r["seconds"]
-    loader = float("nan")
-    if "loader" not in skip:
-        from dataset import build_dataset, loader_throughput
-        ds = build_dataset(a.data, "train", root=a.root, input_size=a.input_size, word_len=a.word_len,
-                           num_samples=a.batch_size * (a.steps + 1))
-        loader = loader_throughput(ds, a.workers, a.batch_size, a.steps)
+    r = measure(a, device)
     load1 = os.getloadavg()[0]
-    if a.profile:
-        from torch.profiler import profile
-        for name, fn in (("train step", ours.train_step), ("eval forward", ours.eval_forward)):
-            with profile() as prof:
-                fn()
-            print(f"--- {name}: top {a.profile} ops by self CPU time\n"
-                  + prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
-                                              else "self_cpu_time_total", row_limit=a.profile))
-    B = a.batch_size
-    print(f"{a.backbone} {a.input_size}px batch {B} on {machine(device)} ({options(a)}), load {load0:.1f}-{load1:.1f}\n"
-          f"train step {train:.3f}s = {B / train:.2f} img/s (data excluded), {data:.2f} img/s (data included), "
-          f"peak memory {memory:.0f} MB\neval forward {evalf:.3f}s = {B / evalf:.2f} img/s; eval loop {loop:.2f} "
-          f"sentences/s; loader {loader:.1f} samples/s")
-    row = "| " + " | ".join(head + [f"{load0:.1f}-{load1:.1f}", f"{B / train:.2f}", f"{data:.2f}", f"{memory:.0f}",
-                                    f"{B / evalf:.2f}", f"{loop:.2f}", f"{loader:.1f}"]) + " |"
+    print(f"{a.backbone} {a.input_size}px batch {a.batch_size} on {machine(device)} ({options(a)}), load "
+          f"{load0:.1f}-{load1:.1f}\ntrain {r['train_img_s']:.2f} img/s (data excluded), {r['data_img_s']:.2f} img/s "
+          f"(data included), peak memory {r['peak_mb']:.0f} MB\neval forward {r['eval_img_s']:.2f} img/s; eval loop "
+          f"{r['loop_sent_s']:.2f} sentences/s; loader {r['loader_samples_s']:.1f} samples/s")
     if a.write:
-        write_row(a.write, OURS_HEADER, row)
+        write_row(a.write, OURS_HEADER, "| " + " | ".join(head + [f"{load0:.1f}-{load1:.1f}"] + [
+            f"{r[k]:.2f}" for k in ("train_img_s", "data_img_s", "peak_mb", "eval_img_s", "loop_sent_s",
+                                    "loader_samples_s")]) + " |")
+    if a.json:
+        print(json.dumps(r))
+    return r
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Referring-segmentation data for ETRIS: RefCOCO, RefCOCO+, RefCOCOg (umd / google) and a synthetic set.
+"""Referring-segmentation data for ETRIS: RefCOCO, RefCOCO+, RefCOCOg (umd / google), and the synthetic set of
+synthetic.py behind the same interface.
 
 Implements the data side of the paper's experiments (Sec. 4.1) exactly as the authors' pipeline
 (CRIS/ETRIS `utils/dataset.py`, `tools/data_process.py`, `tools/refer.py`) does it:
@@ -9,7 +10,7 @@ Implements the data side of the paper's experiments (Sec. 4.1) exactly as the au
 
 Two on-disk layouts are read, and detected automatically under `root`:
   REFER release:   <root>/<refcoco|refcoco+|refcocog>/refs(<unc|umd|google>).p + instances.json
-                   masks rasterised on the fly from COCO polygons / RLE (no pycocotools needed)
+                   masks rasterised on the fly from COCO polygons / RLE (coco_mask.py, no pycocotools)
   prepared folder: <root>/anns/<dataset>/<split>.json + <root>/masks/<dataset>/<ref_id>.png
                    (what the authors' tools/data_process.py writes; `prepare` writes it too)
   both with COCO images in <root>/images/train2014/ (or <root>/train2014/).
@@ -26,7 +27,7 @@ Samples (dicts; collate stacks tensors and keeps per-image items as lists):
 Bad data is found when the dataset is built, so every bad ref is known before training starts: a
 missing, empty, truncated (no JPEG end-of-image marker / PNG IEND chunk near the end) or non-JPEG/PNG
 image or mask file, a ref without annotation or image, an empty sentence, a malformed segmentation
-(see segmentation_to_mask for the polygon rule). Each raises one error naming the ref, its annotation
+(see coco_mask.segmentation_to_mask for the polygon rule). Each raises one error naming the ref, its annotation
 id (REFER layout) and the file, and saying what to do; with skip_bad=True the ref is left out, listed
 in `dataset.bad_samples` (dicts: ref_id, ann_id, file, error) and one warning says how many. What still
 fails when a sample is loaded (a file changed since, or undecodable despite a complete end) raises
@@ -34,23 +35,20 @@ BadSampleError, or with skip_bad travels to the main process in the batch: see R
 and collate (batch['bad_samples']). The split's found vs published ref count is printed.
 
 CLI:  python dataset.py prepare --root R --data refcoco --out O [--skip-bad]
-      python dataset.py bench --data synthetic --split train --workers 2 --batch-size 32 --batches 20
-      python dataset.py fake-refer --out /tmp/fake_refer      (a tiny REFER release for tests/benchmarks)
 """
 import argparse
 import json
-import math
 import os
 import pickle
-import random
-import time
 import warnings
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from coco_mask import check_segmentation, segmentation_to_mask
+from errors import UserError, run_cli
 from tokenizer import tokenize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -126,199 +124,6 @@ def _make_sample(img_rgb, mask255, sentences, ref_id, index, mode, size, word_le
     return sample
 
 
-# ----------------------------------------------------------------------------- COCO masks (pycocotools' maskApi.c)
-
-def _poly_to_rle(xy, h, w):
-    """RLE counts of one polygon [x0,y0,x1,y1,...], by pycocotools' rleFrPoly scan conversion.
-
-    The boundary is traced at 5x resolution, one y-crossing is kept per pixel column whose centre it
-    passes, and the sorted crossings (column-major positions) become the run lengths.
-    """
-    scale = 5.
-    pts = np.asarray(xy, np.float64)
-    pts = pts[:len(pts) // 2 * 2].reshape(-1, 2)  # an odd count drops its last number, as frPoly's int(n/2)
-    x = np.trunc(scale * pts[:, 0] + .5).astype(np.int64)  # C's (int) cast truncates
-    y = np.trunc(scale * pts[:, 1] + .5).astype(np.int64)
-    x, y = np.append(x, x[0]), np.append(y, y[0])
-    us, vs = [], []
-    for j in range(len(pts)):
-        xs, xe, ys, ye = int(x[j]), int(x[j + 1]), int(y[j]), int(y[j + 1])
-        dx, dy = abs(xe - xs), abs(ye - ys)
-        flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
-        if flip:  # walk every edge in increasing major coordinate so rounding is symmetric
-            xs, xe, ys, ye = xe, xs, ye, ys
-        if dx >= dy:
-            t = np.arange(dx + 1)
-            t = dx - t if flip else t
-            s = (ye - ys) / dx if dx else 0.  # dx == dy == 0: a repeated vertex, its one point is never used
-            us.append(t + xs)
-            vs.append(np.trunc(ys + s * t + .5).astype(np.int64))
-        else:
-            t = np.arange(dy + 1)
-            t = dy - t if flip else t
-            s = (xe - xs) / dy
-            vs.append(t + ys)
-            us.append(np.trunc(xs + s * t + .5).astype(np.int64))
-    u, v = np.concatenate(us), np.concatenate(vs)
-    step = u[1:] != u[:-1]
-    u1, u0, v1, v0 = u[1:][step], u[:-1][step], v[1:][step], v[:-1][step]
-    xd = (np.where(u1 < u0, u1, u1 - 1) + .5) / scale - .5
-    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= w - 1)
-    yd = np.ceil(np.clip((np.minimum(v1, v0) + .5) / scale - .5, 0, h))
-    a = np.sort(np.append(xd[keep].astype(np.int64) * h + yd[keep].astype(np.int64), h * w))
-    a = np.diff(a, prepend=0).tolist()
-    counts, j = [a[0]], 1
-    while j < len(a):  # a zero gap means two toggles at one pixel: merge the runs around it
-        if a[j] > 0:
-            counts.append(a[j])
-            j += 1
-        else:
-            j += 1
-            if j < len(a):
-                counts[-1] += a[j]
-                j += 1
-    return counts
-
-
-def rle_from_string(s):
-    """Counts of a COCO compressed RLE string (LEB128-like: 5 bits per char + continuation bit, chars 48..111;
-    from the 4th count on, each value is stored as the difference to the count two before)."""
-    counts, p = [], 0
-    while p < len(s):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(s) or not 48 <= ord(s[p]) <= 111:
-                raise ValueError(f"corrupt compressed RLE string at char {p}: {s[:40]!r}")
-            c = ord(s[p]) - 48
-            x |= (c & 0x1f) << (5 * k)
-            more = bool(c & 0x20)
-            p, k = p + 1, k + 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)  # sign-extend negative differences
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x & 0xffffffff)  # C stores uint
-    return counts
-
-
-def rle_to_string(counts):
-    """Inverse of rle_from_string (pycocotools' rleToString)."""
-    out = []
-    for i, x in enumerate(counts):
-        x = int(x) - (int(counts[i - 2]) if i > 2 else 0)
-        more = True
-        while more:
-            c = x & 0x1f
-            x >>= 5
-            more = x != -1 if c & 0x10 else x != 0
-            out.append(chr((c | 0x20 if more else c) + 48))
-    return ''.join(out)
-
-
-def rle_decode(counts, h, w):
-    """uint8 {0,1} [h,w] from column-major run lengths starting with a run of zeros."""
-    counts = np.asarray(counts, np.int64)
-    if counts.sum() != h * w or (counts < 0).any():
-        raise ValueError(f"corrupt RLE: counts sum to {counts.sum()}, a {h}x{w} mask needs {h * w}")
-    return np.repeat(np.arange(len(counts), dtype=np.uint8) % 2, counts).reshape(w, h).T.copy()
-
-
-def rle_encode(mask):
-    """Column-major run lengths of a binary [h,w] mask (pycocotools' rleEncode)."""
-    flat = np.asarray(mask, bool).T.ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    edges = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(edges).tolist()
-    return [0] + counts if flat.size and flat[0] else counts
-
-
-def _polygons(seg):
-    """The parts of a COCO polygon list that have 3 or more points, as flat float64 arrays (the rule is in
-    segmentation_to_mask's docstring)."""
-    polys = []
-    for i, part in enumerate(seg):
-        try:
-            xy = np.asarray(part, np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"polygon {i} is not a list of numbers: {str(part)[:60]}") from None
-        if xy.ndim != 1:
-            raise ValueError(f"polygon {i} is not a flat [x0, y0, x1, y1, ...] list: {str(part)[:60]}")
-        if not np.isfinite(xy).all():
-            raise ValueError(f"polygon {i} has a non-finite coordinate: {str(part)[:60]}")
-        if len(xy) >= 6:
-            polys.append(xy)
-    if not polys:
-        raise ValueError(f"no polygon of 3 or more points in {str(seg)[:80]}, so it covers no pixel "
-                         "(parts such as [], [x, y] or [x0, y0, x1, y1] cover none)")
-    return polys
-
-
-def _rle_counts(seg, h, w):
-    """The run lengths of a COCO RLE dict (compressed str/bytes or uncompressed list counts), checked."""
-    if 'size' not in seg or 'counts' not in seg:
-        raise ValueError(f"an RLE dict needs 'size' and 'counts', this one has {sorted(seg)}")
-    try:
-        rh, rw = (int(v) for v in seg['size'])
-    except (TypeError, ValueError):
-        raise ValueError(f"RLE size {str(seg['size'])[:40]} is not [height, width]") from None
-    if (rh, rw) != (h, w):
-        raise ValueError(f"RLE size {rh}x{rw} differs from the image's {h}x{w}")
-    counts = seg['counts']
-    if isinstance(counts, bytes):
-        counts = counts.decode('ascii')
-    if isinstance(counts, str):
-        counts = rle_from_string(counts)
-    try:
-        counts = np.asarray(counts, np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"RLE counts are neither a string nor a list of integers: {str(counts)[:60]}") from None
-    if counts.ndim != 1 or counts.sum() != h * w or (counts < 0).any():
-        raise ValueError(f"corrupt RLE: counts sum to {counts.sum()}, a {h}x{w} mask needs {h * w}")
-    return counts
-
-
-def check_segmentation(seg, h, w):
-    """Raise the ValueError that segmentation_to_mask(seg, h, w) would raise, without rasterising."""
-    if isinstance(seg, dict):
-        _rle_counts(seg, h, w)
-    elif isinstance(seg, list):
-        _polygons(seg)
-    else:
-        raise ValueError(f"segmentation is neither a polygon list nor an RLE dict: {str(seg)[:80]}")
-
-
-def segmentation_to_mask(seg, h, w):
-    """uint8 {0,1} [h,w] mask of a COCO `segmentation` (polygon list, or RLE dict with str or list counts).
-
-    Equals pycocotools' frPyObjects + decode, with several polygons merged by union as REFER's getMask
-    does (it sums them; the authors' png then holds 254 where two polygons of one object overlap).
-
-    Degenerate polygon lists follow one rule: every part of 3 or more points is a polygon, every other
-    part covers nothing, and a list with no polygon at all is a ValueError. In detail, with what
-    pycocotools 2.0.11 (frPyObjects + decode + sum, as getMask) does:
-      - an odd number of coordinates uses floor(n/2) points, the last number is dropped (pycocotools too);
-      - a part of fewer than 3 points ([], [x, y], [x0, y0, x1, y1], 5 numbers) is ignored: pycocotools
-        rasterises it to an empty mask when it reaches its polygon code, i.e. after a first part of more
-        than 4 numbers; when such a part comes first, pycocotools fails ([] IndexError; [[]], [[x, y]]
-        "input type is not supported"; 4 numbers TypeError: it takes a first entry of 4 numbers as an
-        [x, y, w, h] box, which it only accepts as a numpy array, never from json). Here its place in the
-        list does not matter, and 4 numbers are never a box;
-      - no part of 3 or more points ([], [[]], [[x, y]], [[x, y, w, h]], [[1, 2, 3, 4, 5]]) is an error:
-        the annotation outlines no area (pycocotools fails, or gives an empty mask for 5 numbers);
-      - a non-finite coordinate is an error (pycocotools crashes the process), a non-numeric one too;
-      - a polygon of 3 or more points that encloses no pixel centre (collinear, tiny, off the image)
-        gives an empty mask, as pycocotools: that is the rasterisation, not malformed data.
-    """
-    if isinstance(seg, dict):
-        return rle_decode(_rle_counts(seg, h, w), h, w)
-    if not isinstance(seg, list):
-        raise ValueError(f"segmentation is neither a polygon list nor an RLE dict: {str(seg)[:80]}")
-    mask = np.zeros((h, w), np.uint8)
-    for xy in _polygons(seg):
-        mask |= rle_decode(_poly_to_rle(xy, h, w), h, w)
-    return mask
-
-
 # ----------------------------------------------------------------------------- complete image files
 
 _JPEG_START, _JPEG_END = b'\xff\xd8\xff', b'\xff\xd9'
@@ -382,7 +187,7 @@ def load_refs_pickle(path):
         try:
             return _PlainUnpickler(f, encoding='utf-8').load()
         except Exception as e:
-            raise ValueError(f"{path}: not a plain REFER refs pickle ({e}); it may hold only dicts, lists, "
+            raise UserError(f"{path}: not a plain REFER refs pickle ({e}); it may hold only dicts, lists, "
                              "strings and numbers. Download it again from the REFER release.") from None
 
 
@@ -390,7 +195,7 @@ def _image_dir(root):
     for d in (os.path.join(root, 'images', 'train2014'), os.path.join(root, 'train2014')):
         if os.path.isdir(d):
             return d
-    raise FileNotFoundError(f"no COCO train2014 images under {root}: download "
+    raise UserError(f"no COCO train2014 images under {root}: download "
                             "http://images.cocodataset.org/zips/train2014.zip and unzip it into "
                             f"{os.path.join(root, 'images')} (giving {os.path.join(root, 'images', 'train2014')})")
 
@@ -402,7 +207,7 @@ def detect_layout(root, name, split):
         return 'prepared'
     if os.path.isfile(os.path.join(root, info['folder'], f"refs({info['split_by']}).p")):
         return 'refer'
-    raise FileNotFoundError(
+    raise UserError(
         f"no {name} data under {root!r}. Put there either the REFER release "
         f"({info['folder']}/refs({info['split_by']}).p + {info['folder']}/instances.json: download "
         f"https://bvisionweb1.cs.unc.edu/licheng/referit/data/{info['folder']}.zip and unzip it into {root}) "
@@ -431,7 +236,7 @@ def _read_refer(root, name, split):
     refs = load_refs_pickle(refs_path)
     inst_path = os.path.join(folder, 'instances.json')
     if not os.path.isfile(inst_path):
-        raise FileNotFoundError(f"{inst_path} is missing: it comes with the REFER release "
+        raise UserError(f"{inst_path} is missing: it comes with the REFER release "
                                 f"https://bvisionweb1.cs.unc.edu/licheng/referit/data/{info['folder']}.zip")
     with open(inst_path) as f:
         inst = json.load(f)
@@ -446,10 +251,10 @@ def _read_refer(root, name, split):
                'sentences': [s['sent'].strip() for s in ref['sentences']]}
         ann, im = anns.get(ref['ann_id']), images.get(ref['image_id'])
         if ann is None:
-            rec['error'] = ValueError(f"ref {ref['ref_id']} points at annotation {ref['ann_id']}, which "
+            rec['error'] = UserError(f"ref {ref['ref_id']} points at annotation {ref['ann_id']}, which "
                                       f"{inst_path} does not have; {_ONE_RELEASE}")
         elif im is None:
-            rec['error'] = ValueError(f"ref {ref['ref_id']} (annotation {ref['ann_id']}) points at image "
+            rec['error'] = UserError(f"ref {ref['ref_id']} (annotation {ref['ann_id']}) points at image "
                                       f"{ref['image_id']}, which {inst_path} does not have; {_ONE_RELEASE}")
         else:
             rec.update(image=os.path.join(img_dir, im['file_name']), size=(im['height'], im['width']),
@@ -497,7 +302,7 @@ def _record_problem(rec, checked):
     if 'error' in rec:
         return rec['error'], rec['source']
     if not rec['sentences'] or any(not s for s in rec['sentences']):
-        return ValueError(f"{_who(rec)} has an empty sentence in {rec['refs_file']}: {rec['sentences']!r}; "
+        return UserError(f"{_who(rec)} has an empty sentence in {rec['refs_file']}: {rec['sentences']!r}; "
                           "fix the sentence"), rec['refs_file']
     for key in ('image', 'mask'):
         if key not in rec:
@@ -512,14 +317,14 @@ def _record_problem(rec, checked):
             except (OSError, ValueError) as e:
                 checked[path] = str(e)
         if checked[path] == 'missing':
-            return FileNotFoundError(f"{_who(rec)}: {key} file {path} is missing; {_FIX[key]}"), path
+            return UserError(f"{_who(rec)}: {key} file {path} is missing; {_FIX[key]}"), path
         if checked[path]:
-            return ValueError(f"{_who(rec)}: {key} file {checked[path]}; {_FIX[key]}"), path
+            return UserError(f"{_who(rec)}: {key} file {checked[path]}; {_FIX[key]}"), path
     if 'segmentation' in rec:
         try:
             check_segmentation(rec['segmentation'], *rec['size'])
         except ValueError as e:
-            return ValueError(f"{_who(rec)}: bad segmentation in {rec['source']}: {e}; fix the annotation"), \
+            return UserError(f"{_who(rec)}: bad segmentation in {rec['source']}: {e}; fix the annotation"), \
                 rec['source']
     return None
 
@@ -533,10 +338,10 @@ def _split_size_line(name, split, found, where):
     return f"{name} {split}: found {found} refs, published {expected}: {verdict} ({where})"
 
 
-class BadSampleError(RuntimeError):
+class BadSampleError(UserError):
     """A record that failed to load: the message names the ref and annotation, `file` the file at fault."""
 
-    def __init__(self, message, file):
+    def __init__(self, message, file=None):  # file=None: as a DataLoader worker's error is rebuilt from its text
         super().__init__(message)
         self.file = file
 
@@ -572,7 +377,7 @@ class RefDataset(Dataset):
             warnings.warn(f"{name} {split}: skipped {len(self.bad_samples)} bad refs of {len(records)} "
                           f"(dataset.bad_samples); first: {self.bad_samples[0]['error']}")
         if not self.records:
-            raise ValueError(f"{name} {split}: no usable refs under {root}")
+            raise UserError(f"{name} {split}: no usable refs under {root}")
 
     def __len__(self):
         return len(self.records)
@@ -631,163 +436,7 @@ class RefDataset(Dataset):
             if skipped:
                 sample['bad_samples'] = skipped
             return sample
-        raise RuntimeError(f"{self.name} {self.split}: every sample failed to load")
-
-
-# ----------------------------------------------------------------------------- synthetic referring dataset
-
-_SHAPES = ('circle', 'square', 'triangle')
-_COLOURS = {'red': (215, 35, 35), 'green': (40, 175, 60), 'blue': (45, 75, 225),
-            'yellow': (235, 210, 40), 'purple': (150, 60, 190), 'white': (235, 235, 235)}
-_COLOUR_NAMES = tuple(_COLOURS)
-# where an object lies relative to a reference, in units of the image side: beyond _CLEAR it
-# clearly does, within _UNCLEAR it clearly does not; anything between makes the phrase ambiguous
-_CLEAR, _UNCLEAR = 0.12, 0.04
-
-
-def _np(obj, keys, noun=None):
-    """Noun phrase of an object restricted to the attributes `keys`: 'small red circle', 'red shape'."""
-    words = [obj[k] for k in ('size', 'colour') if k in keys]
-    return ' '.join(words + [obj['shape'] if 'shape' in keys else (noun or 'shape')])
-
-
-def _matching(objs, keys, obj):
-    return [o for o in objs if all(o[k] == obj[k] for k in keys)]
-
-
-_FILTERS = [(), ('shape',), ('colour',), ('colour', 'shape'), ('size', 'shape'), ('size', 'colour'),
-            ('size', 'colour', 'shape')]
-_SIDES = {'left': ('cx', -1, 'on the left', 'leftmost', 'left of'),
-          'right': ('cx', 1, 'on the right', 'rightmost', 'right of'),
-          'top': ('cy', -1, 'at the top', 'topmost', 'above'),
-          'bottom': ('cy', 1, 'at the bottom', 'bottom', 'below')}
-
-
-def _expressions(objs, t, side, rnd):
-    """Every phrase this generator can say that picks out objs[t] and no other object."""
-    tgt, out = objs[t], []
-    unique = {}  # the shortest unique description of each object, used for anchors
-    for keys in _FILTERS[1:]:
-        for i, o in enumerate(objs):
-            if i not in unique and _matching(objs, keys, o) == [o]:
-                unique[i] = keys
-    for keys in _FILTERS[1:]:
-        if _matching(objs, keys, tgt) == [tgt]:
-            out.append(f"the {_np(tgt, keys, rnd.choice(('shape', 'object', 'one')))}")
-    for keys in _FILTERS[:3]:
-        group = _matching(objs, keys, tgt)
-        if len(group) < 2:
-            continue
-        others = [o for o in group if o is not tgt]
-        noun = _np(tgt, keys)
-        if tgt['area'] >= 1.5 * max(o['area'] for o in others):
-            out.append(f"the {rnd.choice(('largest', 'biggest'))} {noun}")
-        if 1.5 * tgt['area'] <= min(o['area'] for o in others):
-            out.append(f"the smallest {noun}")
-        for axis, sign, phrase, superl, _ in _SIDES.values():
-            if all(sign * (tgt[axis] - o[axis]) > _CLEAR * side for o in others):
-                out.append(f"the {noun} {phrase}" if rnd.random() < .5 else f"the {superl} {noun}")
-    for a, akeys in unique.items():
-        if a == t:
-            continue
-        anchor = objs[a]
-        for keys in _FILTERS[:4]:
-            group = [o for o in _matching(objs, keys, tgt) if o is not anchor]
-            for axis, sign, _, _, rel in _SIDES.values():
-                d = [sign * (o[axis] - anchor[axis]) for o in group]
-                yes = [o for o, v in zip(group, d) if v > _CLEAR * side]
-                unclear = [v for v in d if _UNCLEAR * side < v <= _CLEAR * side]
-                if yes == [tgt] and not unclear:
-                    out.append(f"the {_np(tgt, keys)} {rel} the {_np(anchor, akeys)}")
-    return out
-
-
-def _draw(canvas, obj, value):
-    cx, cy, r = obj['cx'], obj['cy'], obj['r']
-    if obj['shape'] == 'circle':
-        cv2.circle(canvas, (cx, cy), r, value, -1)
-    elif obj['shape'] == 'square':
-        a = int(round(.85 * r))
-        cv2.rectangle(canvas, (cx - a, cy - a), (cx + a, cy + a), value, -1)
-    else:
-        ang = -np.pi / 2 + np.array([0, 2, 4]) * np.pi / 3
-        pts = np.stack([cx + 1.15 * r * np.cos(ang), cy + 1.15 * r * np.sin(ang)], 1)
-        cv2.fillPoly(canvas, [np.round(pts).astype(np.int32)], value)
-
-
-def synthetic_scene(seed, split, index):
-    """One synthetic referring scene, a pure function of (seed, split, index).
-
-    Returns dict(image uint8 RGB [h,w,3], objects: list of dict(shape, colour, size, cx, cy, r, area,
-    mask uint8 {0,1}), target: index into objects, sentences: 2-3 phrases that each pick out the target
-    and no other object).
-    """
-    # Python's RNG for the many scalar draws (numpy's per-call overhead dominated); str seeds are
-    # hashed with SHA-512, so scenes do not depend on PYTHONHASHSEED
-    rnd = random.Random(f"synthetic-{seed}-{split}-{index}")
-    while True:
-        h, w = rnd.randint(96, 128), rnd.randint(96, 128)
-        side = min(h, w)
-        n = rnd.choices((2, 3, 4, 5), (1, 3, 3, 3))[0]
-        objs = []
-        for _ in range(50 * n):
-            if len(objs) == n:
-                break
-            size = 'large' if rnd.random() < .4 else 'small'
-            # objects span several 8-px patches of a 64-px input: with 0.7-0.8 of these radii (measured)
-            # the demo's tiny model was at 36 val mIoU where it now is at 48, its masks bound by the patch grid
-            r = round(side * (rnd.uniform(.18, .24) if size == 'large' else rnd.uniform(.1, .13)))
-            cx, cy = rnd.randint(r + 2, w - r - 3), rnd.randint(r + 2, h - r - 3)
-            if all(math.hypot(cx - o['cx'], cy - o['cy']) > 1.25 * (r + o['r']) + 2 for o in objs):
-                objs.append(dict(shape=rnd.choice(_SHAPES), colour=rnd.choice(_COLOUR_NAMES),
-                                 size=size, cx=cx, cy=cy, r=r))
-        if len(objs) < 2:
-            continue
-        labels = np.zeros((h, w), np.uint8)  # objects never overlap, so one label map holds every mask
-        for i, o in enumerate(objs):
-            _draw(labels, o, i + 1)
-        for i, o in enumerate(objs):
-            o['mask'] = (labels == i + 1).view(np.uint8)
-            o['area'] = int(np.count_nonzero(o['mask']))
-        order = list(range(len(objs)))
-        rnd.shuffle(order)
-        for t in order:
-            phrases = list(dict.fromkeys(_expressions(objs, t, side, rnd)))
-            if len(phrases) >= 2:
-                break
-        else:
-            continue
-        sentences = rnd.sample(phrases, min(len(phrases), rnd.randint(2, 3)))
-        # a flat background with a little noise and per-object colour jitter: colour words stay exact
-        noise = np.random.default_rng(rnd.getrandbits(64)).integers(-6, 7, (h, w, 1), dtype=np.int16)
-        img = np.clip(np.array([rnd.randint(60, 119) for _ in range(3)], np.int16) + noise, 0, 255).astype(np.uint8)
-        for o in objs:  # drawn with the very call that drew its mask: pixel-exact
-            _draw(img, o, [min(255, max(0, c + rnd.randint(-20, 20))) for c in _COLOURS[o['colour']]])
-        return dict(image=img, objects=objs, target=t, sentences=sentences)
-
-
-class SyntheticRefDataset(Dataset):
-    """Procedural shapes with expressions that only language disambiguates; same samples as RefDataset."""
-
-    def __init__(self, split, mode, input_size, word_len, seed=0, num_samples=None):
-        self.name, self.split, self.mode = 'synthetic', split, mode
-        self.input_size, self.word_len, self.seed = input_size, word_len, seed
-        self.num_samples = DATASETS['synthetic']['splits'][split] if num_samples is None else num_samples
-        self.bad_samples = []
-
-    def __len__(self):
-        return self.num_samples
-
-    def scene(self, index):
-        return synthetic_scene(self.seed, self.split, index)
-
-    def __getitem__(self, index):
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} synthetic samples")
-        sc = self.scene(index)
-        mask = sc['objects'][sc['target']]['mask'] * np.uint8(255)
-        return _make_sample(sc['image'], mask, sc['sentences'], index, index, self.mode,
-                            self.input_size, self.word_len)
+        raise UserError(f"{self.name} {self.split}: every sample failed to load")
 
 
 # ----------------------------------------------------------------------------- public builders
@@ -801,18 +450,19 @@ def build_dataset(name, split, root=None, input_size=416, word_len=None, mode=No
     found vs published ref count (real datasets; also in dataset.split_size).
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     splits = DATASETS[name]['splits']
     if split not in splits:
-        raise ValueError(f"unknown split {split!r} for {name}; valid: {', '.join(splits)}")
+        raise UserError(f"unknown split {split!r} for {name}; valid: {', '.join(splits)}")
     mode = mode or {'train': 'train', 'val': 'val'}.get(split, 'test')
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        raise UserError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     word_len = word_len or WORD_LEN[name]
     if name == 'synthetic':
+        from synthetic import SyntheticRefDataset  # it builds its samples with this module's transform
         return SyntheticRefDataset(split, mode, input_size, word_len, seed, num_samples)
     if root is None:
-        raise ValueError(f"{name} needs root=: the folder holding the REFER release or the prepared folder")
+        raise UserError(f"{name} needs root=: the folder holding the REFER release or the prepared folder")
     return RefDataset(root, name, split, mode, input_size, word_len, skip_bad, num_samples, verbose)
 
 
@@ -847,35 +497,20 @@ def _worker_init(worker_id):
     cv2.setNumThreads(0)  # one decoding thread per worker, as the authors; workers are the parallelism
 
 
-def build_loader(dataset, batch_size, train, workers, distributed=False, seed=0):
-    """DataLoader as the authors': train shuffles and drops the last partial batch, eval keeps order.
+def build_loader(dataset, batch_size, workers=0, sampler=None, shard=(0, 1), pin_memory=False, seed=0):
+    """The one DataLoader of train.py, evaluate.py, the demo and the benchmark, with the authors' collate.
 
-    distributed: a DistributedSampler (call loader.sampler.set_epoch(epoch) every epoch).
-    Memory is pinned when CUDA is available; workers persist across epochs.
-    """
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train) if distributed else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                      drop_last=train, persistent_workers=workers > 0,
-                      worker_init_fn=_worker_init if workers > 0 else None, generator=gen)
-
-
-def loader_throughput(dataset, workers, batch_size, n_batches):
-    """Samples per second through build_loader, after one warm-up batch (worker start-up excluded)."""
-    loader = build_loader(dataset, batch_size, train=dataset.mode == 'train', workers=workers)
-    it = iter(loader)
-    next(it)
-    n, t0 = 0, time.perf_counter()
-    for _ in range(n_batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        n += len(batch['index'])
-    return n / (time.perf_counter() - t0)
+    sampler: the order to read in (train.py's ResumableSampler). Without one, the loader reads this process's
+    shard in order: indices rank, rank + world, ... for shard=(rank, world), with no padding, so that an
+    evaluation over all processes counts every sample once. Workers decode with one OpenCV thread each and
+    persist across epochs."""
+    if sampler is None:
+        rank, world = shard
+        sampler = range(rank, len(dataset), world)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      worker_init_fn=_worker_init if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed))  # so the global RNG is left alone
 
 
 # ----------------------------------------------------------------------------- prepare (tools/data_process.py)
@@ -907,7 +542,7 @@ def prepare(root, dataset, out_dir, skip_bad=False):
     them: bad_samples entries plus 'split'."""
     from tqdm import tqdm
     if dataset not in DATASETS or dataset == 'synthetic':
-        raise ValueError(f"cannot prepare {dataset!r}; valid: {', '.join(d for d in DATASETS if d != 'synthetic')}")
+        raise UserError(f"cannot prepare {dataset!r}; valid: {', '.join(d for d in DATASETS if d != 'synthetic')}")
     ann_dir, mask_dir = os.path.join(out_dir, 'anns', dataset), os.path.join(out_dir, 'masks', dataset)
     os.makedirs(ann_dir, exist_ok=True)
     os.makedirs(mask_dir, exist_ok=True)
@@ -960,72 +595,13 @@ def _write_mask(rec, path):
     try:
         mask = segmentation_to_mask(rec['segmentation'], h, w)
     except ValueError as e:
-        return ValueError(f"{_who(rec)}: bad segmentation in {rec['source']}: {e}; fix the annotation"), rec['source']
+        return UserError(f"{_who(rec)}: bad segmentation in {rec['source']}: {e}; fix the annotation"), rec['source']
     _atomic_write(path, cv2.imencode('.png', mask * np.uint8(255))[1].tobytes())  # a killed run leaves no half mask
     return None
 
 
-# ----------------------------------------------------------------------------- a tiny fake REFER release
-
-def fake_refer_release(root, dataset='refcoco', n_images=8, refs_per_image=2, size=(480, 640), seed=0):
-    """Write a small REFER-format release (refs pickle, instances.json, JPEGs) under root.
-
-    Annotations cycle through polygon (sometimes two polygons), compressed RLE and uncompressed RLE;
-    refs cycle through the dataset's splits. Returns the list of refs written.
-    """
-    info = DATASETS[dataset]
-    rng = np.random.default_rng(seed)
-    h, w = size
-    img_dir = os.path.join(root, 'images', 'train2014')
-    folder = os.path.join(root, info['folder'])
-    os.makedirs(img_dir, exist_ok=True)
-    os.makedirs(folder, exist_ok=True)
-    splits = list(info['splits'])
-    images, anns, refs = [], [], []
-    for i in range(n_images):
-        img_id = 1000 + i
-        name = f'COCO_train2014_{img_id:012d}.jpg'
-        yy, xx = np.mgrid[0:h, 0:w]
-        img = np.stack([(xx * 255 // w), (yy * 255 // h), np.full_like(xx, 90)], -1).astype(np.float64)
-        img = np.clip(img + rng.normal(0, 15, img.shape), 0, 255).astype(np.uint8)
-        for j in range(refs_per_image):
-            k = len(anns)
-            cx, cy = rng.uniform(.2, .8) * w, rng.uniform(.2, .8) * h
-            rad = rng.uniform(.08, .18) * min(h, w)
-            ang = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 12))))
-            poly = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).round(2).ravel().tolist()
-            seg = [poly]
-            if k % 4 == 3:  # a second, disjoint part
-                seg.append([cx + rad * 1.2, cy, cx + rad * 1.6, cy, cx + rad * 1.4, cy + rad * .5])
-            if k % 3 == 1:
-                seg = {'size': [h, w], 'counts': rle_to_string(rle_encode(segmentation_to_mask(seg, h, w)))}
-            elif k % 3 == 2:
-                seg = {'size': [h, w], 'counts': rle_encode(segmentation_to_mask(seg, h, w))}
-            m = segmentation_to_mask(seg, h, w)
-            colour = rng.integers(0, 256, 3).tolist()
-            img[m > 0] = colour
-            ys, xs = np.nonzero(m)
-            bbox = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
-            cat = int(rng.integers(1, 91))
-            anns.append({'id': 5000 + k, 'image_id': img_id, 'category_id': cat, 'segmentation': seg,
-                         'area': float(m.sum()), 'bbox': bbox, 'iscrowd': int(isinstance(seg, dict))})
-            sents = [{'sent_id': 9000 + 3 * k + s, 'sent': f' object {k} number {s} ', 'raw': f'Object {k} #{s}',
-                      'tokens': ['object', str(k), 'number', str(s)]} for s in range(1 + k % 3)]
-            refs.append({'ref_id': 100 + k, 'ann_id': 5000 + k, 'image_id': img_id, 'category_id': cat,
-                         'split': splits[k % len(splits)], 'sentences': sents,
-                         'sent_ids': [s['sent_id'] for s in sents], 'file_name': name.replace('.jpg', f'_{k}.jpg')})
-        cv2.imwrite(os.path.join(img_dir, name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        images.append({'id': img_id, 'file_name': name, 'height': h, 'width': w})
-    with open(os.path.join(folder, f"refs({info['split_by']}).p"), 'wb') as f:
-        pickle.dump(refs, f, protocol=2)
-    with open(os.path.join(folder, 'instances.json'), 'w') as f:
-        cats = [{'id': c, 'name': f'category {c}'} for c in range(1, 91)]
-        json.dump({'images': images, 'annotations': anns, 'categories': cats}, f)
-    return refs
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description='Write the prepared folder (anns/, masks/) from the REFER release.')
     sub = p.add_subparsers(dest='cmd', required=True)
     pp = sub.add_parser('prepare', help='write anns/ + masks/ from the REFER release')
     pp.add_argument('--root', required=True)
@@ -1034,35 +610,9 @@ def main(argv=None):
     pp.add_argument('--skip-bad', action='store_true',
                     help='leave out refs with bad data (missing or truncated image, bad segmentation, empty '
                          'sentence) and list them at the end, instead of stopping at the first')
-    pb = sub.add_parser('bench', help='loader samples/s')
-    pb.add_argument('--data', default='synthetic', choices=list(DATASETS))
-    pb.add_argument('--root')
-    pb.add_argument('--split', default='train')
-    pb.add_argument('--mode')
-    pb.add_argument('--input-size', type=int, default=416)
-    pb.add_argument('--workers', type=int, default=2)
-    pb.add_argument('--batch-size', type=int, default=16)
-    pb.add_argument('--batches', type=int, default=20)
-    pf = sub.add_parser('fake-refer', help='write a tiny fake REFER release')
-    pf.add_argument('--out', required=True)
-    pf.add_argument('--data', default='refcoco', choices=[d for d in DATASETS if d != 'synthetic'])
-    pf.add_argument('--images', type=int, default=8)
-    pf.add_argument('--refs-per-image', type=int, default=2)
     args = p.parse_args(argv)
-    if args.cmd == 'prepare':
-        return prepare(args.root, args.data, args.out, args.skip_bad)
-    elif args.cmd == 'bench':
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # a fake release has other split sizes than the paper's
-            ds = build_dataset(args.data, args.split, root=args.root, input_size=args.input_size, mode=args.mode)
-        rate = loader_throughput(ds, args.workers, args.batch_size, args.batches)
-        per_worker = f" ({rate / args.workers:.1f} per worker)" if args.workers else " (in-process)"
-        print(f"{args.data} {args.split} mode={ds.mode} S={args.input_size} workers={args.workers} "
-              f"batch={args.batch_size}: {rate:.1f} samples/s{per_worker}")
-    else:
-        refs = fake_refer_release(args.out, args.data, args.images, args.refs_per_image)
-        print(f"wrote {len(refs)} refs on {args.images} images under {args.out}")
+    return prepare(args.root, args.data, args.out, args.skip_bad)
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

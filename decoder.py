@@ -1,9 +1,9 @@
 """
 The ETRIS decoder (paper Sec. 3.3, Fig. 2 right), as in the authors' code (itself from CRIS):
-HA, the hierarchical alignment neck that fuses the three visual maps with the sentence vector into one
-stride-16 map; GA, the global alignment transformer decoder that lets every pixel read the words; and the
-Projector, which turns the sentence vector into a dynamic 3x3 kernel applied to the stride-4 pixel features
-(the "text-to-pixel" alignment trained with BCE). Names follow the authors' `neck`, `decoder`, `proj`.
+HA, the hierarchical alignment neck that fuses the three visual maps with the sentence vector into one stride-16
+map; GA, the global alignment transformer decoder that lets every pixel read the words; and the Projector, which
+turns the sentence vector into a dynamic 3x3 kernel applied to the stride-4 pixel features (the "text-to-pixel"
+alignment trained with BCE). The model names them `neck`, `decoder`, `proj`, as the authors do.
 """
 import math
 
@@ -11,18 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bridger import InteractorT
-from clip_loader import MultiheadAttention
-
-
-def conv_bn_relu(in_dim, out_dim, kernel_size=1, padding=0, stride=1):
-    return nn.Sequential(nn.Conv2d(in_dim, out_dim, kernel_size, stride, padding, bias=False),
-                         nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True))
-
-
-def deconv_bn_relu(in_dim, out_dim, kernel_size=1, stride=1):
-    return nn.Sequential(nn.ConvTranspose2d(in_dim, out_dim, kernel_size, stride, bias=False),
-                         nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True))
+from layers import GatedCrossAttention, MultiheadAttention, conv_bn_relu, deconv_bn_relu, flat_to_map
 
 
 class CoordConv(nn.Module):
@@ -31,48 +20,40 @@ class CoordConv(nn.Module):
     def __init__(self, in_dim, out_dim):
         super().__init__()
         self.conv1 = conv_bn_relu(in_dim + 2, out_dim, 3, 1)
-        self._coords = {}  # (H, W, device, dtype) -> [1, 2, H, W]; a cache, so not in the state dict
-
-    def coords(self, H, W, ref):
-        key = (H, W, ref.device, ref.dtype)
-        if key not in self._coords:
-            ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=ref.device, dtype=ref.dtype),
-                                    torch.linspace(-1, 1, W, device=ref.device, dtype=ref.dtype), indexing="ij")
-            self._coords[key] = torch.stack([xs, ys]).unsqueeze(0)
-        return self._coords[key]
 
     def forward(self, x):  # [B, C, H, W] -> [B, C', H, W]
         B, _, H, W = x.shape
-        coords = self.coords(H, W, x).expand(B, -1, -1, -1)  # [B, 2, H, W]
+        # float32 coordinates, as the authors', whatever the input's dtype
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device),
+                                torch.linspace(-1, 1, W, device=x.device), indexing="ij")
+        coords = torch.stack([xs, ys]).to(x.dtype).expand(B, -1, -1, -1)  # [B, 2, H, W]
         return self.conv1(torch.cat([x, coords], dim=1))
 
 
 class HA(nn.Module):
-    """Hierarchical alignment neck: each visual map goes to `dim` channels at stride 16 (strided conv /
-    transposed conv), is gated by the projected sentence vector (InteractorT), and the three are merged."""
+    """Hierarchical alignment: each visual map goes to `dim` channels at stride 16 (strided conv / transposed
+    conv), is gated by the projected sentence vector, and the three are merged."""
 
-    def __init__(self, in_dims, state_dim, dim=512, strides=(1, 1, 1), heads=8):
+    def __init__(self, in_dims, sentence_dim, dim=512, strides=(1, 1, 1), heads=8):
         super().__init__()
-        self.fusion3 = InteractorT(dim, heads)
-        self.fusion4 = InteractorT(dim, heads)
-        self.fusion5 = InteractorT(dim, heads)
-        self.txt_proj = nn.Linear(state_dim, dim)
+        self.fusion3 = GatedCrossAttention(dim, heads)
+        self.fusion4 = GatedCrossAttention(dim, heads)
+        self.fusion5 = GatedCrossAttention(dim, heads)
+        self.txt_proj = nn.Linear(sentence_dim, dim)
         self.f3_proj = conv_bn_relu(in_dims[0], dim, strides[0], 0, strides[0])
         self.f4_proj = conv_bn_relu(in_dims[1], dim, strides[1], 0, strides[1])
         self.f5_proj = deconv_bn_relu(in_dims[2], dim, strides[2], strides[2])
         self.aggr = conv_bn_relu(3 * dim, dim, 1, 0)
         self.coordconv = nn.Sequential(CoordConv(dim, dim), conv_bn_relu(dim, dim, 3, 1))
 
-    def forward(self, maps, state):
-        """maps: 3 x [B, C_i, h_i, w_i], state [B, E] -> [B, dim, S/16, S/16]"""
-        txt = self.txt_proj(state).unsqueeze(1)  # [B, 1, dim]
+    def forward(self, maps, sentence):  # maps: 3 x [B, C_i, h_i, w_i], sentence [B, E] -> [B, dim, S/16, S/16]
+        txt = self.txt_proj(sentence).unsqueeze(1)  # [B, 1, dim]
         fused = []
         for proj, fusion, x in zip((self.f3_proj, self.f4_proj, self.f5_proj),
                                    (self.fusion3, self.fusion4, self.fusion5), maps):
             x = proj(x)  # [B, dim, h, w]
-            B, C, H, W = x.shape
-            x = fusion(x.flatten(2).transpose(1, 2), txt)  # [B, hw, dim]
-            fused.append(x.transpose(1, 2).reshape(B, C, H, W).contiguous())  # NCHW for the convs (see bridger.py)
+            h, w = x.shape[-2:]
+            fused.append(flat_to_map(fusion(x.flatten(2).transpose(1, 2), txt), h, w))
         return self.coordconv(self.aggr(torch.cat(fused, dim=1)))
 
 
@@ -89,8 +70,8 @@ def sine_pos_1d(dim, length):
 
 
 def sine_pos_2d(dim, height, width):
-    """2-D sine encoding as CRIS: the first half of the channels encodes x, the second half y, each
-    interleaving sin/cos. Returns [height*width, dim], row-major over (y, x)."""
+    """2-D sine encoding as CRIS: the first half of the channels encodes x, the second half y, each interleaving
+    sin/cos. Returns [height*width, dim], row-major over (y, x)."""
     if dim % 4:
         raise ValueError(f"2-D sine position encoding needs a width divisible by 4, got {dim}")
     half = dim // 2
@@ -106,9 +87,9 @@ def sine_pos_2d(dim, height, width):
 
 
 class GALayer(nn.Module):
-    """Pre-norm decoder layer: pixel self-attention (2-D position on q, k), cross-attention to the words
-    (1-D position on keys, padded words masked), FFN with an inner LayerNorm. Every branch output is
-    normalised again before its residual add."""
+    """Pre-norm decoder layer: pixel self-attention (2-D position on q, k), cross-attention to the words (1-D
+    position on keys, padded words masked), FFN with an inner LayerNorm. Every branch output is normalised again
+    before its residual add."""
 
     def __init__(self, dim=512, heads=8, ffn_dim=512, dropout=0.1):
         super().__init__()
@@ -136,37 +117,33 @@ class GALayer(nn.Module):
 
 
 class GA(nn.Module):
-    """Global alignment: a stack of GALayers and a final LayerNorm."""
+    """Global alignment: a stack of GALayers and a final LayerNorm. The position encodings are the authors'
+    float32 values (also under AMP), computed once for a grid x grid map and up to word_len words; other map
+    sizes get theirs computed on the fly."""
 
-    def __init__(self, num_layers=3, dim=512, heads=8, ffn_dim=512, dropout=0.1):
+    def __init__(self, num_layers=3, dim=512, heads=8, ffn_dim=512, dropout=0.1, grid=26, word_len=17):
         super().__init__()
         self.layers = nn.ModuleList([GALayer(dim, heads, ffn_dim, dropout) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(dim)
-        self._pos = {}  # (kind, size, device, dtype) -> encoding; a cache, so not in the state dict
-
-    def position(self, kind, dim, size, ref):
-        key = (kind, dim, size, ref.device, ref.dtype)
-        if key not in self._pos:
-            pe = sine_pos_2d(dim, *size) if kind == "2d" else sine_pos_1d(dim, size)
-            self._pos[key] = pe.to(device=ref.device, dtype=ref.dtype)
-        return self._pos[key]
+        self.register_buffer("vis_pos", sine_pos_2d(dim, grid, grid), persistent=False)
+        self.register_buffer("txt_pos", sine_pos_1d(dim, word_len), persistent=False)
 
     def forward(self, vis, txt, pad_mask):
         """vis [B, C, H, W], txt [B, L, C], pad_mask [B, L] (True at padding) -> [B, C, H, W]"""
         B, C, H, W = vis.shape
-        vis_pos = self.position("2d", C, (H, W), vis)
-        txt_pos = self.position("1d", txt.shape[-1], txt.shape[1], txt)
+        vis_pos = self.vis_pos if self.vis_pos.shape[0] == H * W else sine_pos_2d(C, H, W).to(self.vis_pos)
+        txt_pos = self.txt_pos[:txt.shape[1]]
         x = vis.flatten(2).transpose(1, 2)  # [B, HW, C]
         for layer in self.layers:
             x = layer(x, txt, vis_pos, txt_pos, pad_mask)
-        return self.norm(x).transpose(1, 2).reshape(B, C, H, W).contiguous()  # NCHW for the convs (see bridger.py)
+        return flat_to_map(self.norm(x), H, W)
 
 
 class Projector(nn.Module):
-    """Stride 16 -> 4 pixel features (two bilinear x2 + conv steps, 1x1 conv to dim channels) and a
-    per-sample dynamic 3x3 conv whose kernel and bias come from the sentence vector."""
+    """Stride 16 -> 4 pixel features (two bilinear x2 + conv steps, 1x1 conv to dim channels) and a per-sample
+    dynamic 3x3 conv whose kernel and bias come from the sentence vector."""
 
-    def __init__(self, state_dim, dim=256, kernel_size=3):
+    def __init__(self, sentence_dim, dim=256, kernel_size=3):
         super().__init__()
         self.kernel_size = kernel_size
         self.vis = nn.Sequential(
@@ -175,13 +152,12 @@ class Projector(nn.Module):
             nn.Upsample(scale_factor=2, mode="bilinear"),
             conv_bn_relu(dim * 2, dim, 3, padding=1),
             nn.Conv2d(dim, dim, 1))
-        self.txt = nn.Linear(state_dim, dim * kernel_size * kernel_size + 1)
+        self.txt = nn.Linear(sentence_dim, dim * kernel_size * kernel_size + 1)
 
-    def forward(self, x, state):
-        """x [B, 2*dim, h, w], state [B, E] -> logits [B, 1, 4h, 4w]"""
+    def forward(self, x, sentence):  # x [B, 2*dim, h, w], sentence [B, E] -> logits [B, 1, 4h, 4w]
         x = self.vis(x)  # [B, dim, 4h, 4w]
         B, C, H, W = x.shape
-        kernel = self.txt(state)  # [B, dim*k*k + 1]
+        kernel = self.txt(sentence)  # [B, dim*k*k + 1]
         weight = kernel[:, :-1].reshape(B, C, self.kernel_size, self.kernel_size)
         # one group per sample: sample b's pixels are convolved with sample b's kernel only
         out = F.conv2d(x.reshape(1, B * C, H, W), weight, kernel[:, -1], padding=self.kernel_size // 2, groups=B)

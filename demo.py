@@ -7,11 +7,8 @@ Demo: ETRIS end to end on the built-in synthetic referring dataset, on the CPU, 
 1. Frozen encoder. ETRIS (paper Sec. 3) adapts a frozen CLIP. With --clip-weights the demo uses that file.
    Without it no CLIP weights are assumed on disk (OpenAI's ViT-B/16 is 335 MB and far too slow for a CPU
    demo), so a small CLIP-shaped model is used (ViT: width 64, 3 blocks, patch 8 at 64 px; text: width 64,
-   3 blocks; OpenAI's tokenizer and key names), saved as a plain CLIP state dict and loaded exactly like
-   OpenAI's weights (clip_loader.load_clip_state_dict). By default it stays randomly initialised: measured on
-   an earlier version of this data (smaller objects), pre-training it first with CLIP's contrastive loss
-   on synthetic image-caption pairs (--pretrain-steps N, the file is reused if present) sped up the first few
-   hundred ETRIS steps but gave no gain by 1000 steps, while costing a third of the time budget.
+   3 blocks; OpenAI's tokenizer and key names), randomly initialised, saved as a plain CLIP state dict and
+   loaded exactly like OpenAI's weights.
 2. ETRIS training on the synthetic train split through train.py's main (the real code path), in two DDP
    processes over gloo by default (--procs), as `torchrun --nproc_per_node 2 train.py` would run it.
 3. Evaluation of the last checkpoint on the synthetic val split (every sentence) through evaluate.py's main,
@@ -29,80 +26,27 @@ import time
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import evaluate
 import train
-from clip_loader import CLIP
-from dataset import build_dataset, collate, synthetic_scene, to_input
-from tokenizer import tokenize
+from checkpoint import load_model
+from clip_loader import random_clip_state_dict
+from dataset import build_dataset, build_loader
+from synthetic import synthetic_scene
+from errors import UserError, run_cli
 
-# the synthetic scenes the CLIP pre-training sees: another generator seed than ETRIS's train/val scenes
-PRETRAIN_SCENE_SEED = 1000
-CAPTION_LEN = 32  # "large red circle, small blue square, ..." for up to 5 objects
-# blocks per encoder of the tiny CLIP (the Bridger then taps after every block). Measured on the synthetic set
-# (1500 steps, batch 16): 3 random frozen blocks reach val mIoU 52.7, 6 blocks 48.1, and train faster
+# blocks per encoder of the tiny CLIP (the Bridger then taps after every block); see the README's demo section
 TINY_BLOCKS = 3
 
 
-def tiny_clip(input_size, seed=0):
-    """The demo's CLIP-shaped encoder pair, randomly initialised (OpenAI's init). Patch 8 rather than
+def tiny_clip_state_dict(input_size, seed=0):
+    """The demo's CLIP-shaped encoder pair, randomly initialised as OpenAI initialises CLIP. Patch 8 rather than
     ViT-B/16's 16: at a 64 px input it keeps small objects a few tokens wide."""
     if input_size % 8:
-        raise ValueError(f"--input-size must be a multiple of the tiny ViT's patch size 8, got {input_size}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return CLIP(embed_dim=64, vision_layers=TINY_BLOCKS, vision_width=64, vision_patch_size=8,
-                    vision_grid=input_size // 8, context_length=77, vocab_size=49408, transformer_width=64,
-                    transformer_heads=1, transformer_layers=TINY_BLOCKS, word_len=CAPTION_LEN)
-
-
-def caption(scene):
-    """Every object of a scene, left to right: 'large red circle, small blue square, small white triangle'."""
-    objs = sorted(scene['objects'], key=lambda o: o['cx'])
-    return ', '.join(f"{o['size']} {o['colour']} {o['shape']}" for o in objs)
-
-
-def caption_batch(start, batch_size, input_size):
-    """Letterboxed, CLIP-normalised images [B, 3, S, S] and caption tokens [B, CAPTION_LEN]."""
-    scenes = [synthetic_scene(PRETRAIN_SCENE_SEED, 'train', i) for i in range(start, start + batch_size)]
-    images = torch.stack([to_input(scene['image'], input_size)[0] for scene in scenes])
-    texts = [caption(scene) for scene in scenes]
-    return images, tokenize(texts, CAPTION_LEN), texts
-
-
-def retrieval_accuracy(clip, images, tokens, texts):
-    """Image -> caption top-1 accuracy (a hit when the retrieved caption reads the same as the true one)."""
-    with torch.no_grad():
-        logits, _ = clip(images, tokens)
-    return float(np.mean([texts[j] == texts[i] for i, j in enumerate(logits.argmax(1).tolist())]))
-
-
-def pretrain_clip(path, input_size, steps, batch_size=64, lr=1e-3, seed=0):
-    """CLIP's symmetric contrastive loss on synthetic (image, caption) pairs; saves CLIP's state dict."""
-    clip = tiny_clip(input_size, seed)
-    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.05)
-    held_out = caption_batch(10 ** 7, 128, input_size)  # far beyond the pairs trained on
-    labels = torch.arange(batch_size)
-    t0 = time.time()
-    for step in range(steps):
-        images, tokens, _ = caption_batch(step * batch_size, batch_size, input_size)
-        for g in opt.param_groups:  # cosine decay to 0
-            g['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        logits_per_image, logits_per_text = clip(images, tokens)
-        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, math.log(100))  # as OpenAI's training
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"  clip step {step + 1}/{steps}: loss {loss.item():.3f}, held-out image->caption top-1 "
-                  f"{100 * retrieval_accuracy(clip, *held_out):.1f}% ({time.time() - t0:.0f}s)", flush=True)
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    torch.save(clip.state_dict(), path)
-    return 100 * retrieval_accuracy(clip, *held_out)
+        raise UserError(f"--input-size must be a multiple of the tiny ViT's patch size 8, got {input_size}")
+    return random_clip_state_dict("tiny-ViT", seed, vision_layers=TINY_BLOCKS, transformer_layers=TINY_BLOCKS,
+                                  vision_patch_size=8, vision_grid=input_size // 8)
 
 
 # -----------------------------------------------------------------------------
@@ -177,9 +121,6 @@ def parse_args(argv=None):
     p.add_argument('--clip-weights', default=None,
                    help="a ViT CLIP file (OpenAI archive or state dict) to use instead of the tiny one")
     p.add_argument('--input-size', type=int, default=64)
-    p.add_argument('--pretrain-steps', type=int, default=0,
-                   help="contrastive pre-training steps (batch 64) of the tiny CLIP; 0: keep it random (measured: "
-                        "no gain at equal ETRIS steps, see the README)")
     p.add_argument('--steps', type=int, default=2400, help="ETRIS optimizer steps")
     p.add_argument('--batch-size', type=int, default=16)
     p.add_argument('--lr', type=float, default=1e-3)
@@ -199,8 +140,6 @@ def parse_args(argv=None):
         args.visualize = min(args.visualize, 2)
     if args.procs < 1:
         p.error(f"--procs must be at least 1, got {args.procs}")
-    if args.clip_weights and args.pretrain_steps:
-        p.error("--clip-weights and --pretrain-steps exclude each other")
     return args
 
 
@@ -223,22 +162,11 @@ def run(args):
     if args.clip_weights:
         clip_path = os.path.abspath(args.clip_weights)
         print(f"[1/4] CLIP weights: {clip_path}")
-    elif args.pretrain_steps == 0:
+    else:
         clip_path = os.path.join(out, 'tiny_clip_random.pt')
-        torch.save(tiny_clip(args.input_size, args.seed).state_dict(), clip_path)
+        torch.save(tiny_clip_state_dict(args.input_size, args.seed), clip_path)
         print(f"[1/4] no CLIP weights given: using a small CLIP-shaped backbone (ViT width 64, {TINY_BLOCKS} "
               f"blocks, patch 8; text width 64, {TINY_BLOCKS} blocks), randomly initialised and frozen -> {clip_path}")
-    else:
-        clip_path = os.path.join(out, f'tiny_clip_pretrained{args.pretrain_steps}.pt')
-        if os.path.isfile(clip_path):
-            print(f"[1/4] no CLIP weights given: reusing the small CLIP-shaped backbone pre-trained earlier, "
-                  f"{clip_path}")
-        else:
-            print(f"[1/4] no CLIP weights given: using a small CLIP-shaped backbone (ViT width 64, {TINY_BLOCKS} "
-                  f"blocks, patch 8; text width 64, {TINY_BLOCKS} blocks), pre-trained contrastively on synthetic "
-                  f"image-caption pairs for {args.pretrain_steps} steps -> {clip_path}", flush=True)
-            acc = pretrain_clip(clip_path, args.input_size, args.pretrain_steps, seed=args.seed)
-            print(f"  held-out image->caption top-1: {acc:.1f}%")
     times['clip'] = time.time() - t0
 
     # 2. ETRIS training (train.py), one epoch = train_samples // batch_size steps
@@ -274,10 +202,10 @@ def run(args):
     # 4. language at work
     t3 = time.time()
     print("[4/4] text-blind baselines and the model given another scene's sentence", flush=True)
-    net = evaluate.load_model(ckpt, device='cpu')
-    val = build_dataset('synthetic', 'val', input_size=net.config['input_size'], word_len=net.config['word_len'],
+    net = load_model(ckpt, device='cpu')
+    val = build_dataset('synthetic', 'val', input_size=net.config.input_size, word_len=net.config.word_len,
                         mode='test', num_samples=args.val_samples, seed=args.seed)
-    loader = evaluate.shard_loader(OtherSentence(val), 16, 0, collate)
+    loader = build_loader(OtherSentence(val), 16)
     wrong = evaluate.evaluate(net, loader, torch.device('cpu'))
     wrong.pop('per_sample')
     blind = text_blind_baselines(args.val_samples, args.seed)
@@ -309,4 +237,4 @@ def run(args):
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -10,26 +10,27 @@ overall IoU (sum of intersections / sum of unions) and Prec@0.5..0.9 (fraction o
     python evaluate.py --checkpoint refcoco_r101.pth --backbone RN101 --clip-weights pretrain/RN101.pt
     torchrun --nproc_per_node 4 evaluate.py --split val                 # sharded, no sample counted twice
 
-The helpers here (masks_to_original, iou_stats, summarize, evaluate, load_model) are also what train.py's
-per-epoch validation and predict.py use.
+The helpers here (masks_to_original, iou_stats, summarize, evaluate) are also what train.py's per-epoch
+validation and predict.py use.
 """
 import argparse
 import json
 import os
-import zipfile
 
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dataset import CLIP_MEAN, CLIP_STD, DATASETS, WORD_LEN, build_dataset, collate
-from model import build_model, load_checkpoint, read_checkpoint
+import distributed
+from checkpoint import load_model
+from dataset import CLIP_MEAN, CLIP_STD, DATASETS, WORD_LEN, build_dataset, build_loader
+from errors import UserError, run_cli
 
-PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# Prec@X as the authors count it: their thresholds are torch.arange(0.5, 1.0, 0.1), float32 values compared with
+# float64 IoUs, so 0.7 is 0.699999988 there and an IoU of exactly 7/10 counts for Prec@0.7
+PREC_THRESHOLDS = {f"Prec@{t}": float(np.float32(t)) for t in (0.5, 0.6, 0.7, 0.8, 0.9)}
 # the interpolation option drives both the upsampling (torch) and the inverse warp (cv2)
 CV2_INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
 
@@ -64,6 +65,15 @@ def iou_stats(pred, gt):
     return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
 
 
+def train_metric(logits, mask, threshold=0.35):
+    """The authors' trainMetricGPU, on the device: the IoU of sigmoid(logits) >= threshold against the mask resized
+    (nearest) to the logits' size. Returns (sum of IoUs, number with IoU > 0.5) as tensors, with no host sync."""
+    target = F.interpolate(mask, size=logits.shape[-2:], mode="nearest").flatten(1) > 0
+    pred = torch.sigmoid(logits.detach().float()).flatten(1) >= threshold
+    ious = (pred & target).sum(1) / ((pred | target).sum(1) + 1e-6)
+    return ious.sum(), (ious > 0.5).sum().float()
+
+
 def summarize(inters, unions):
     """Per-sentence pixel counts -> dict of percentages: mIoU, oIoU, Prec@0.5..0.9, and n."""
     inters, unions = np.asarray(inters, dtype=np.float64), np.asarray(unions, dtype=np.float64)
@@ -71,14 +81,14 @@ def summarize(inters, unions):
         raise ValueError("summarize: no samples to summarize (empty split or shard?)")
     ious = inters / (unions + 1e-6)  # the authors' epsilon: an empty prediction of an empty mask scores 0
     out = {"mIoU": 100.0 * ious.mean(), "oIoU": 100.0 * inters.sum() / max(unions.sum(), 1.0)}
-    for t in PREC_THRESHOLDS:
-        out[f"Prec@{t}"] = 100.0 * float((ious > t).mean())  # strict '>', as engine.py
+    for name, t in PREC_THRESHOLDS.items():
+        out[name] = 100.0 * float((ious > t).mean())  # strict '>', as engine.py
     out["n"] = int(inters.size)
     return {k: (float(v) if k != "n" else v) for k, v in out.items()}
 
 
 def format_table(metrics):
-    keys = ["mIoU", "oIoU"] + [f"Prec@{t}" for t in PREC_THRESHOLDS]
+    keys = ["mIoU", "oIoU", *PREC_THRESHOLDS]
     head = " | ".join(f"{k:>8}" for k in keys) + " |        n"
     row = " | ".join(f"{metrics[k]:8.2f}" for k in keys) + f" | {metrics['n']:8d}"
     return head + "\n" + row
@@ -86,17 +96,6 @@ def format_table(metrics):
 
 # -----------------------------------------------------------------------------
 # batched, sharded evaluation loop
-
-def shard_loader(dataset, batch_size, workers, collate_fn, rank=None, world=None):
-    """Loader over this rank's share (indices rank, rank+world, ...): no padding, so no duplicates.
-    rank/world default to the torch.distributed ones (0/1 without a process group)."""
-    if rank is None:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    subset = Subset(dataset, list(range(rank, len(dataset), world)))
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(0))  # keeps the global RNG untouched
-
 
 def _sentence_tokens(batch):
     """A collated batch's tokens as a list of [n_sent, L] tensors (val: one sentence, test: all)."""
@@ -109,13 +108,17 @@ def _sentence_tokens(batch):
 @torch.no_grad()
 def evaluate(net, loader, device, threshold=0.35, interpolation="bicubic", visualize=0, vis_dir=None,
              progress=False):
-    """Segment every (ref, sentence) pair of `loader`'s samples; returns summarize(...) over all ranks plus
-    'per_sample': sorted [(index, sentence, inter, union)]. Under torch.distributed every rank must call it
-    with its own shard (see shard_loader); the result is the same on all ranks."""
+    """Segment every (ref, sentence) pair of `loader`'s samples; returns summarize(...) over all processes plus
+    'per_sample': sorted [(index, sentence, inter, union)] and 'bad_samples': the samples that failed to load
+    (skip_bad datasets), which count in no metric. Under torchrun every process calls it with its own shard
+    (dataset.build_loader's shard); the result is the same on all of them."""
     was_training = net.training
     net.eval()
-    records, n_vis = [], 0
+    records, bad, n_vis = [], [], 0
     for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
+        bad += batch.pop("bad_samples", [])
+        if "image" not in batch:  # every sample of the batch failed to load
+            continue
         tokens = _sentence_tokens(batch)
         counts = [t.shape[0] for t in tokens]
         # one row per (ref, sentence); the visual stream before the first Bridger stage is text-independent,
@@ -137,16 +140,13 @@ def evaluate(net, loader, device, threshold=0.35, interpolation="bicubic", visua
                               batch["orig_size"][i], pred, batch["orig_mask"][i], sentence,
                               inter / (union + 1e-6))
                 n_vis += 1
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
-    records.sort()
+    records = sorted(r for part in distributed.gather(records) for r in part)
+    bad = [b for part in distributed.gather(bad) for b in part]
     if len({(r[0], r[1]) for r in records}) != len(records):
         raise RuntimeError("evaluate: a (ref, sentence) pair was counted twice; check the loader's sharding")
     net.train(was_training)
     out = summarize([r[2] for r in records], [r[3] for r in records])
-    out["per_sample"] = records
+    out["per_sample"], out["bad_samples"] = records, bad
     return out
 
 
@@ -189,78 +189,11 @@ def add_caption(bgr, text, min_width=384):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: ours (config inside) and the authors' released ones
-
-def weights_file_kind(path):
-    """'clip' (OpenAI archive or CLIP state dict), 'etris' (ours), 'etris-authors' (released), or 'unknown'.
-    Used to turn a file passed to the wrong option into one clear error."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no file at {path!r}")
-    is_zip = zipfile.is_zipfile(path)
-    if is_zip:
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith("constants.pkl") for n in z.namelist()):
-                return "clip"  # TorchScript archive: OpenAI's release format
-    try:
-        obj = read_checkpoint(path, mmap=is_zip)
-    except RuntimeError:
-        return "unknown"
-    if not isinstance(obj, dict):
-        return "unknown"
-    if "config" in obj and "model" in obj:
-        return "etris"
-    sd = obj.get("state_dict", obj)
-    keys = [k[len("module."):] if k.startswith("module.") else k for k in sd] if isinstance(sd, dict) else []
-    if any(k.startswith(("bridger.", "decoder.", "neck.")) for k in keys):
-        return "etris-authors"
-    if any(k.startswith("visual.") for k in keys) and "token_embedding.weight" in keys:
-        return "clip"
-    return "unknown"
-
-
-def load_model(checkpoint, backbone=None, clip_weights=None, input_size=416, word_len=17, device="cpu"):
-    """Rebuild ETRIS from a checkpoint. Ours carry their build_model config; the authors' carry none, so
-    `backbone` (and `clip_weights` unless resolvable by name) must be given. Returns the net in eval mode."""
-    kind = weights_file_kind(checkpoint)
-    if kind == "clip":
-        raise ValueError(f"{checkpoint!r} is a CLIP weights file, not an ETRIS checkpoint: pass it as "
-                         f"--clip-weights and give the trained ETRIS checkpoint as --checkpoint")
-    if kind == "unknown":
-        raise ValueError(f"{checkpoint!r} is neither one of our ETRIS checkpoints nor an authors' release")
-    if kind == "etris":
-        ck = read_checkpoint(checkpoint)
-        cfg = dict(ck["config"]["net"])
-        if backbone is not None and backbone != cfg["backbone"]:
-            raise ValueError(f"{checkpoint!r} was trained with backbone {cfg['backbone']!r}, not "
-                             f"{backbone!r}: drop --backbone or pass {cfg['backbone']!r}")
-        if clip_weights is not None:
-            cfg["clip_weights"] = clip_weights
-        net = build_model(**cfg)
-        load_checkpoint(net, ck["model"])
-    else:
-        if backbone is None:
-            raise ValueError(f"{checkpoint!r} is an authors' checkpoint without a config: pass --backbone "
-                             f"(ViT-B/16, RN50 or RN101) and --clip-weights (the OpenAI archive it used)")
-        net = build_model(backbone=backbone, clip_weights=clip_weights, input_size=input_size,
-                          word_len=word_len)
-        try:
-            load_checkpoint(net, checkpoint)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RuntimeError(f"{checkpoint!r} does not fit backbone {backbone!r} (wrong --backbone?): "
-                               f"{e}") from e
-    return net.to(device).eval()
-
-
-# -----------------------------------------------------------------------------
 # command line
 
-def sanitize(backbone):
-    return backbone.replace("/", "-")
-
-
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate ETRIS with the authors' protocol.")
-    p.add_argument("--data", default="refcoco")
+    p.add_argument("--data", default="refcoco", choices=sorted(DATASETS))
     p.add_argument("--split", default="val")
     p.add_argument("--data-root", default="./datasets")
     p.add_argument("--checkpoint", default=None,
@@ -270,51 +203,55 @@ def main(argv=None):
     p.add_argument("--input-size", type=int, default=416, help="authors' checkpoints only (ours: in config)")
     p.add_argument("--batch-size", type=int, default=8, help="refs per forward per process")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images/masks, count them, report")
     p.add_argument("--threshold", type=float, default=0.35)
     p.add_argument("--interpolation", default="bicubic", choices=sorted(CV2_INTERPOLATION))
-    p.add_argument("--num-samples", type=int, default=None, help="synthetic split size (quick runs)")
+    p.add_argument("--num-samples", type=int, default=None, help="only the first N refs (quick runs)")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="write N overlay PNGs (rank 0)")
     p.add_argument("--output", default=None, help="JSON path (default: eval_<data>_<split>.json next to it)")
-    p.add_argument("--device", default=None, help="default: cuda if available else cpu")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     args = p.parse_args(argv)
+    if args.split not in DATASETS[args.data]["splits"]:
+        p.error(f"--split {args.split!r} is not a split of {args.data}: {', '.join(DATASETS[args.data]['splits'])}")
+    return args
 
-    if args.data not in DATASETS:
-        raise ValueError(f"--data {args.data!r} is not one of {sorted(DATASETS)}")
-    checkpoint = args.checkpoint or os.path.join("exp", args.data, sanitize(args.backbone or "ViT-B/16"),
+
+def main(argv=None):
+    args = parse_args(argv)
+    proc = distributed.setup(args.device)
+    checkpoint = args.checkpoint or os.path.join("exp", args.data, (args.backbone or "ViT-B/16").replace("/", "-"),
                                                  "best.pth")
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if distributed:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
-                                          else "cpu"))
-    rank = dist.get_rank() if distributed else 0
-
-    net = load_model(checkpoint, args.backbone, args.clip_weights, args.input_size, WORD_LEN[args.data], device)
-    dataset = build_dataset(args.data, args.split, root=args.data_root, input_size=net.config["input_size"],
-                            word_len=net.config["word_len"], mode="test", num_samples=args.num_samples)
-    loader = shard_loader(dataset, args.batch_size, args.workers, collate)
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"no checkpoint at {checkpoint}: train one first (python train.py --data {args.data} ...), "
+                        f"or pass --checkpoint PATH; an authors' release also needs --backbone and --clip-weights")
+    net = load_model(checkpoint, args.backbone, args.clip_weights, args.input_size, WORD_LEN[args.data], proc.device)
+    dataset = build_dataset(args.data, args.split, root=args.data_root, input_size=net.config.input_size,
+                            word_len=net.config.word_len, mode="test", skip_bad=args.skip_bad,
+                            num_samples=args.num_samples, verbose=proc.main)
+    loader = build_loader(dataset, args.batch_size, args.workers, shard=(proc.rank, proc.world),
+                          pin_memory=proc.device.type == "cuda")
     vis_dir = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"vis_{args.data}_{args.split}")
-    metrics = evaluate(net, loader, device, args.threshold, args.interpolation,
-                       visualize=args.visualize if rank == 0 else 0, vis_dir=vis_dir, progress=rank == 0)
+    metrics = evaluate(net, loader, proc.device, args.threshold, args.interpolation,
+                       visualize=args.visualize if proc.main else 0, vis_dir=vis_dir, progress=proc.main)
     metrics.pop("per_sample")
-    if rank == 0:
+    bad = dataset.bad_samples + metrics.pop("bad_samples")
+    if proc.main:
         print(f"{args.data} {args.split}  ({checkpoint})")
         print(format_table(metrics))
+        if bad:
+            print(f"--skip-bad left out {len(bad)} bad sample(s), first: ref {bad[0]['ref_id']}: {bad[0]['error']}")
         out = args.output or os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
                                           f"eval_{args.data}_{args.split}.json")
         record = {"data": args.data, "split": args.split, "checkpoint": os.path.abspath(checkpoint),
                   "threshold": args.threshold, "interpolation": args.interpolation,
-                  "input_size": net.config["input_size"], "word_len": net.config["word_len"], **metrics}
+                  "input_size": net.config.input_size, "word_len": net.config.word_len, **metrics,
+                  "bad_samples": bad}
         with open(out, "w") as f:
             json.dump(record, f, indent=2)
         print(f"wrote {out}")
-    if distributed:
-        dist.destroy_process_group()
+    distributed.teardown()
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

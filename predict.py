@@ -17,8 +17,11 @@ import cv2
 import numpy as np
 import torch
 
+from checkpoint import load_model
 from dataset import read_image_file, to_input
-from evaluate import add_caption, load_model, masks_to_original, overlay
+from distributed import pick_device
+from errors import UserError, run_cli
+from evaluate import add_caption, masks_to_original, overlay
 from tokenizer import tokenize
 
 
@@ -27,11 +30,11 @@ def read_image(image):
     array [H,W,3] / gray [H,W] -> RGB uint8 [H,W,3]."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
-            raise FileNotFoundError(f"image {os.fspath(image)!r} not found")
+            raise UserError(f"image {os.fspath(image)!r} not found")
         try:
             bgr = read_image_file(os.fspath(image), cv2.IMREAD_COLOR, any_format=True)
         except ValueError as e:
-            raise ValueError(f"image {e}; give a complete image file") from None
+            raise UserError(f"image {e}; give a complete image file") from None
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
@@ -44,17 +47,17 @@ def read_image(image):
 
 @torch.no_grad()
 def predict(net_or_checkpoint, image, text, threshold=0.35, device=None, backbone=None, clip_weights=None):
-    """Bool mask [H, W] at the image's original resolution. `net_or_checkpoint`: an ETRIS net (its
-    .config gives input size and word length) or a checkpoint path (see evaluate.load_model)."""
+    """Bool mask [H, W] at the image's original resolution. `net_or_checkpoint`: an ETRIS net (its .config gives
+    the input size and word length) or a checkpoint path (see checkpoint.load_model)."""
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("text is empty: give the referring expression to segment, e.g. 'the man on the left'")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise UserError("text is empty: give the referring expression to segment, e.g. 'the man on the left'")
+    device = pick_device(device)
     if isinstance(net_or_checkpoint, torch.nn.Module):
         net = net_or_checkpoint.to(device).eval()
     else:
         net = load_model(net_or_checkpoint, backbone=backbone, clip_weights=clip_weights, device=device)
     rgb = read_image(image)
-    size, word_len = net.config["input_size"], net.config["word_len"]
+    size, word_len = net.config.input_size, net.config.word_len
     img, _, inverse = to_input(rgb, size)
     tokens = tokenize(text, context_length=word_len, truncate=True)  # [1, L]
     logits = net(img[None].to(device), tokens.to(device))  # [1, 1, S/4, S/4]
@@ -70,7 +73,7 @@ def main(argv=None):
     p.add_argument("--clip-weights", default=None, help="CLIP archive (default: resolved by backbone name)")
     p.add_argument("--threshold", type=float, default=0.35)
     p.add_argument("--out-dir", default=".", help="where <image>_mask.png and <image>_overlay.png go")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     args = p.parse_args(argv)
 
     rgb = read_image(args.image)
@@ -86,4 +89,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,65 +1,63 @@
 """
-Training of ETRIS (paper Sec. 4.1; the authors' train.py + engine.train, inherited from CRIS). The CLIP
-encoders stay frozen except their positional embeddings; the Bridger, the neck (HA), the decoder (GA) and the
-projector are trained with BCE on the 1/4-resolution logits. Defaults are the paper's: Adam lr 1e-4, no weight
-decay, MultiStepLR x0.1 at epoch 35, 50 epochs, global batch 32, AMP with GradScaler, SyncBN, seed 0. After
-every epoch the model is validated on the 'val' split (sentence 0 of each ref, full test protocol).
+Training of ETRIS (paper Sec. 4.1; the authors' train.py and engine.train, from CRIS). The CLIP encoders stay frozen
+except their positional embeddings; the Bridger, HA, GA and the Projector are trained with BCE on the stride-4
+logits. The defaults are the paper's: Adam lr 1e-4, no weight decay, MultiStepLR x0.1 at epoch 35, 50 epochs, a
+global batch of 32, fp16 AMP with GradScaler, SyncBN, seed 0. After every epoch the model is validated on the val
+split (sentence 0 of each ref, the full test protocol).
 
-    python train.py --data refcoco --backbone ViT-B/16                  # one process (GPU or CPU)
+    python train.py --data refcoco --backbone ViT-B/16                 # one process, GPU or CPU
     torchrun --nproc_per_node 4 train.py --data refcoco --backbone RN101
     python train.py --data synthetic --backbone tiny-ViT --input-size 64 --epochs 2 --batch-size 8
 
-A run killed at any point and restarted with `--resume auto` ends with the same weights as an uninterrupted
-run: the data order is a pure function of (seed, epoch) (the random sentence of a sample too, of
-(seed, epoch, index)), checkpoints record the position inside the epoch and every process's RNG states.
+Beside the recipe: exact kill-and-resume (resume.py), steps skipped when their loss or gradients are not finite
+(optimizer_step), and the device and process group (distributed.py).
 """
 import argparse
-import datetime
 import json
+import math
 import os
 import random
-import time
 
-import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
-from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from dataset import DATASETS, WORD_LEN, build_dataset, collate
-from evaluate import evaluate, format_table, sanitize, shard_loader, weights_file_kind
+import distributed
+from checkpoint import checkpoint_kind, load_checkpoint
+from clip_loader import fetch_openai_weights
+from dataset import DATASETS, WORD_LEN, build_dataset, build_loader
+from errors import UserError, run_cli
+from evaluate import evaluate, format_table, train_metric
 from loss import segmentation_loss
-from model import (build_model, checkpoint_state_dict, format_parameter_counts, load_checkpoint, parameter_counts,
-                   read_checkpoint)
+from model import build_model, format_parameter_counts, parameter_counts
+from resume import Checkpoints, PerSampleSeeds, Progress, ResumableSampler
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train ETRIS (frozen CLIP + Bridger + HA/GA decoder).")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="refcoco", help=f"one of {sorted(DATASETS)}")
+    g.add_argument("--data", default="refcoco", choices=sorted(DATASETS))
     g.add_argument("--data-root", default="./datasets")
     g.add_argument("--input-size", type=int, default=416)
     g.add_argument("--word-len", type=int, default=None, help="default: by dataset (17 RefCOCO/+, 22 G-Ref)")
     g.add_argument("--workers", type=int, default=4, help="data loader workers per process")
-    g.add_argument("--skip-bad", action="store_true", help="skip unreadable images/masks instead of failing")
+    g.add_argument("--skip-bad", action="store_true", help="skip unreadable images/masks, count them, report them")
     g.add_argument("--train-samples", type=int, default=None, help="use only this many training refs")
     g.add_argument("--val-samples", type=int, default=None, help="use only this many validation refs")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="ViT-B/16", help="ViT-B/16 | RN50 | RN101 | tiny-ViT | tiny-RN")
     g.add_argument("--clip-weights", default=None, help="OpenAI CLIP archive or state dict (default: by name)")
-    g.add_argument("--ladder-dim", type=int, default=64, help="Bridger width d")
-    g.add_argument("--bridger-stages", type=int, nargs="+", default=[0, 1, 2])
-    g.add_argument("--no-bridger", action="store_true", help="ablation: no Bridger (frozen CLIP features only)")
-    g.add_argument("--zoom", default="conv", help="Bridger zoom layers (ablation)")
+    g.add_argument("--weights", default=None,
+                   help="start from these model weights (ours or the authors' release) with a fresh schedule")
+    g.add_argument("--bridger-dim", type=int, default=64, help="the Bridger's width d")
+    g.add_argument("--bridger-stages", type=int, nargs="*", default=[0, 1, 2], help="none: no Bridger (ablation)")
+    g.add_argument("--zoom", default="conv", choices=["conv", "linear", "mlp"], help="Bridger zoom layers")
     g.add_argument("--frozen-bn-stats", action="store_true", help="keep the ResNet BN running stats frozen")
-    g.add_argument("--checkpoint-backbone", action="store_true",
-                   help="recompute the frozen CLIP blocks in backward instead of storing them (less memory, same numbers)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (worth it for long GPU runs; evaluation stays eager)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute the frozen CLIP blocks in backward instead of storing them (less memory)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training forward (long GPU runs)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=50)
     g.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch, split across processes")
@@ -74,363 +72,239 @@ def parse_args(argv=None):
     g.add_argument("--max-nonfinite", type=int, default=20,
                    help="stop after this many skipped (non-finite) steps in a row; checked at each log step")
     g.add_argument("--deterministic", action="store_true",
-                   help="cuDNN deterministic, no autotuning (the authors' setting; slower). Default: cudnn.benchmark")
+                   help="deterministic kernels, no cuDNN autotuning (slower; see README: determinism)")
     g = p.add_argument_group("run")
     g.add_argument("--output", default=None, help="default: exp/<data>/<backbone>")
     g.add_argument("--resume", default=None, help="'auto' (the output folder's last.pth, if any) or a path")
     g.add_argument("--save-every-steps", type=int, default=0, help="also write last.pth every N steps")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates")
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     args = p.parse_args(argv)
-    if args.data not in DATASETS:
-        p.error(f"--data {args.data!r} is not one of {sorted(DATASETS)}")
-    args.output = args.output or os.path.join("exp", args.data, sanitize(args.backbone))
+    args.output = args.output or os.path.join("exp", args.data, args.backbone.replace("/", "-"))
     args.word_len = args.word_len or WORD_LEN[args.data]
     return args
 
 
 # -----------------------------------------------------------------------------
-# deterministic, resumable data order
 
-class EpochSeeded(Dataset):
-    """Takes (epoch, index) keys and seeds python/numpy/torch from (seed, epoch, index) around each
-    __getitem__, so the random sentence picked for a sample does not depend on workers, world size or where
-    a run was resumed. The caller's RNG states are restored afterwards (matters with workers=0)."""
+def optimizer_step(loss, optimizer, scaler, params, amp):
+    """Backward and step; returns a device tensor, 1 if the step was skipped (a non-finite loss or gradient), else
+    0. GradScaler skips such steps on the device, with no host sync; under fp32 and bf16 its scale is kept at 1,
+    so that it scales nothing. Under DDP the gradients are averaged by the time they are checked, so every
+    process reaches the same verdict."""
+    optimizer.zero_grad(set_to_none=True)
+    # a non-finite loss seeds backward with NaN, so that its gradients are non-finite too and the step is skipped
+    scaler.scale(loss).backward(torch.where(torch.isfinite(loss), 1.0, float("nan")))
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in params if p.grad is not None]
+    skipped = (~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))).float()
+    scaler.step(optimizer)
+    scaler.update(None if amp == "fp16" else 1.0)
+    return skipped
 
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
 
-    def __len__(self):
-        return len(self.dataset)
+class Meters:
+    """Per-sample sums of the training metrics over an epoch, and the skipped steps, kept on the device so that the
+    step never waits for the host; read (and summed over processes) at log time, onto the progress bar."""
 
-    def __getitem__(self, key):
-        epoch, index = key
-        sample_seed = (self.seed * 1_000_003 + epoch * 10_007 + index) % 2**32
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(sample_seed)
-        np.random.seed(sample_seed)
-        torch.manual_seed(sample_seed)
+    def __init__(self, device, bar, resumed_sums=None):
+        self.bar, self.bad_samples = bar, []  # bad_samples: those that failed to load here (--skip-bad)
+        self.sums = {k: torch.zeros((), device=device) for k in ("loss", "IoU", "Prec@0.5", "samples")}
+        for k, v in (resumed_sums or {}).items():  # the interrupted epoch's part before the kill
+            self.sums[k] += v
+        self.skipped, self.streak, self.worst_streak = (torch.zeros((), device=device) for _ in range(3))
+
+    def update(self, skipped, **sums):
+        for k, v in sums.items():
+            self.sums[k] += torch.where(skipped > 0, 0.0, v)  # a skipped step counts in no mean
+        self.skipped += skipped
+        self.streak = (self.streak + 1) * skipped
+        self.worst_streak = torch.maximum(self.worst_streak, self.streak)
+
+    def totals(self):
+        sums = distributed.all_reduce_sum(torch.stack(list(self.sums.values())))
+        return dict(zip(self.sums, sums.tolist()))
+
+    def means(self):
+        t = self.totals()
+        return {k: t[k] / max(t["samples"], 1.0) for k in self.sums if k != "samples"}
+
+    def take_skipped(self):
+        """Steps skipped since the last call (the same on every process), and the longest run of them so far."""
+        skipped, worst = (int(x) for x in torch.stack([self.skipped, self.worst_streak]).tolist())
+        self.skipped.zero_()
+        return skipped, worst
+
+    def log(self, progress, lr, max_nonfinite):
+        """Figures onto the progress bar, and the stop of a run whose steps keep being skipped."""
+        skipped, worst_streak = self.take_skipped()
+        progress.skipped += skipped
+        if worst_streak >= max_nonfinite:
+            raise UserError(f"{worst_streak} steps in a row had a non-finite loss or gradients (--max-nonfinite "
+                            f"{max_nonfinite}), by epoch {progress.epoch + 1} step {progress.step}: training "
+                            f"diverged; lower --lr, try --amp bf16/off, or resume from an earlier checkpoint")
+        m = self.means()
+        self.bar.set_postfix(epoch=progress.epoch + 1, loss=f"{m['loss']:.4f}", IoU=f"{100 * m['IoU']:.2f}",
+                             lr=f"{lr:.1e}", skipped=progress.skipped, refresh=False)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, meters, progress, checkpoints, args, device):
+    """One epoch, from progress.step on, to its end or to --max-steps. Returns True if the epoch was finished."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[args.amp]
+    model.train()
+    for batch in loader:
+        meters.bad_samples += batch.pop("bad_samples", [])
+        images, tokens, masks = (batch[k].to(device, non_blocking=True) for k in ("image", "tokens", "mask"))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images, tokens)  # [B, 1, S/4, S/4]
+            loss = segmentation_loss(logits, masks)
+        skipped = optimizer_step(loss, optimizer, scaler, params, args.amp)
+        iou_sum, prec_count = train_metric(logits, masks)
+        meters.update(skipped, loss=loss.detach().float() * len(images), IoU=iou_sum, samples=len(images),
+                      **{"Prec@0.5": prec_count})
+        progress.step += 1
+        progress.global_step += 1
+        meters.bar.update(1)
+        finished = progress.step == loader.sampler.steps
+        if progress.step % args.log_every == 0 or finished:
+            meters.log(progress, optimizer.param_groups[0]["lr"], args.max_nonfinite)
+        stop = args.max_steps is not None and progress.global_step >= args.max_steps
+        if args.save_every_steps and progress.global_step % args.save_every_steps == 0 and not (finished or stop):
+            checkpoints.save("last.pth", meters)
+        if stop:
+            return finished
+    return True
+
+
+# -----------------------------------------------------------------------------
+
+def build_data(args, proc):
+    """The training and validation loaders. The data is read first, before any CLIP download, so that a missing
+    dataset is reported at once."""
+    if args.batch_size % proc.world:
+        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by {proc.world} processes")
+    common = dict(root=args.data_root, input_size=args.input_size, word_len=args.word_len, skip_bad=args.skip_bad,
+                  seed=args.seed, verbose=proc.main)
+    train_set = build_dataset(args.data, "train", num_samples=args.train_samples, **common)
+    val_set = build_dataset(args.data, "val", mode="val", num_samples=args.val_samples, **common)
+    local_batch, pin = args.batch_size // proc.world, proc.device.type == "cuda"
+    sampler = ResumableSampler(len(train_set), args.batch_size, proc.rank, proc.world, args.seed)
+    loader = build_loader(PerSampleSeeds(train_set, args.seed), local_batch, args.workers, sampler=sampler,
+                          pin_memory=pin, seed=args.seed)
+    val_loader = build_loader(val_set, local_batch, args.workers, shard=(proc.rank, proc.world), pin_memory=pin)
+    return loader, val_loader, train_set.bad_samples + val_set.bad_samples
+
+
+def build_net(args, proc):
+    """ETRIS with the frozen CLIP (downloaded by one process per node), optionally starting from --weights."""
+    if args.clip_weights is not None and checkpoint_kind(args.clip_weights) in ("etris", "etris-authors"):
+        raise UserError(f"--clip-weights {args.clip_weights!r} is an ETRIS checkpoint, not CLIP weights: pass it "
+                        f"as --weights to start from it, or --resume to continue its run")
+    if args.clip_weights is None and not args.backbone.startswith("tiny-"):
+        distributed.on_each_node_first(lambda: fetch_openai_weights(args.backbone))
+    net = build_model(args.backbone, args.clip_weights, args.input_size, args.word_len, bridger_dim=args.bridger_dim,
+                      bridger_stages=tuple(args.bridger_stages), zoom=args.zoom, frozen_bn_stats=args.frozen_bn_stats)
+    if args.weights:
+        kind = checkpoint_kind(args.weights)
+        if kind not in ("etris", "etris-authors"):
+            raise UserError(f"--weights {args.weights!r} is not an ETRIS checkpoint (ours or the authors' release)" +
+                            (": it holds CLIP weights, pass it as --clip-weights" if kind == "clip" else ""))
         try:
-            return self.dataset[index]
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            load_checkpoint(net, args.weights)
+        except UserError as e:
+            raise UserError(f"--weights {args.weights!r} does not fit this model (--backbone {args.backbone}, "
+                            f"--input-size {args.input_size}): {e}") from None
+    if proc.main:
+        print(format_parameter_counts(parameter_counts(net)))
+    return net.set_grad_checkpointing(args.grad_checkpointing).to(proc.device)
 
 
-def _worker_init(worker_id):
-    cv2.setNumThreads(0)  # one OpenCV thread per loader worker: the workers are the parallelism
+def wrap_for_training(net, args, proc):
+    """SyncBN and DDP over the processes (as the authors), torch.compile if asked."""
+    if proc.world == 1:
+        return torch.compile(net) if args.compile else net
+    if proc.device.type == "cuda":
+        if args.compile:
+            raise UserError("--compile with several CUDA processes (SyncBN + DDP) is not supported yet: drop "
+                            "--compile, or train one process per run")
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # the same names: checkpoints stay compatible
+    model = nn.parallel.DistributedDataParallel(net, device_ids=[proc.device.index] if proc.device.type == "cuda"
+                                                else None)
+    return torch.compile(model) if args.compile else model
 
-
-class ResumableSampler(Sampler):
-    """This process's keys for one epoch: a permutation seeded by seed+epoch, cut into global batches (the
-    incomplete last one dropped, as the authors' drop_last=True), each split into `world` contiguous parts.
-    A global batch holds the same samples whatever the world size; `start_step` resumes mid-epoch."""
-
-    def __init__(self, n, global_batch, rank, world, seed):
-        self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
-        self.local = global_batch // world
-        self.steps = n // global_batch
-        self.epoch, self.start_step = 0, 0
-        if self.steps == 0:
-            raise ValueError(f"the training set has {n} samples, fewer than one global batch of {global_batch}:"
-                             f" lower --batch-size or raise --train-samples")
-
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        for step in range(self.start_step, self.steps):
-            base = step * self.global_batch + self.rank * self.local
-            for i in perm[base:base + self.local]:
-                yield (self.epoch, i)
-
-    def __len__(self):
-        return (self.steps - self.start_step) * self.local
-
-
-# -----------------------------------------------------------------------------
-# checkpoints and RNG states
-
-def rng_state(device):
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file then rename: a kill leaves either the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def read_resume_checkpoint(path):
-    kind = weights_file_kind(path)
-    if kind == "clip":
-        raise ValueError(f"--resume {path!r} is a CLIP weights file: pass it as --clip-weights instead")
-    if kind == "etris-authors":
-        raise ValueError(f"--resume {path!r} is an authors' ETRIS release without optimizer/RNG state of ours: "
-                         f"evaluate it with evaluate.py --backbone ... --clip-weights ...")
-    if kind != "etris":
-        raise ValueError(f"--resume {path!r} is not a checkpoint written by train.py")
-    return read_checkpoint(path)
-
-
-def train_metric(logits, mask, threshold=0.35):
-    """The authors' trainMetricGPU on device: IoU of sigmoid(logits) >= thr against the mask resized
-    (nearest) to the logits' size; returns (sum of IoUs, number with IoU > 0.5) as tensors, no host sync."""
-    target = F.interpolate(mask, size=logits.shape[-2:], mode="nearest").flatten(1) > 0
-    pred = torch.sigmoid(logits.detach().float()).flatten(1) >= threshold
-    ious = (pred & target).sum(1) / ((pred | target).sum(1) + 1e-6)
-    return ious.sum(), (ious > 0.5).sum().float()
-
-
-# -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    distributed = world > 1
-    use_cuda = torch.cuda.is_available() if args.device is None else args.device == "cuda"
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} (global) is not divisible by {world} processes")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        # every batch has the same shape, so cuDNN's autotuner pays off after the first step
-        torch.backends.cudnn.benchmark = not args.deterministic
-        torch.backends.cudnn.deterministic = args.deterministic
-    if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    amp = args.amp or ("fp16" if use_cuda else "off")
-    if amp == "fp16" and not use_cuda:
-        raise ValueError("--amp fp16 needs CUDA (GradScaler); use --amp bf16 or off on CPU")
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
-    main_proc = rank == 0
-
-    # same seed on every process, as the authors (DDP also broadcasts rank 0's weights at wrap time)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    if args.clip_weights is not None and weights_file_kind(args.clip_weights) in ("etris", "etris-authors"):
-        raise ValueError(f"--clip-weights {args.clip_weights!r} is an ETRIS checkpoint, not CLIP weights: "
-                         f"use --resume to continue training from it (or evaluate.py --checkpoint)")
-    resume_path = args.resume
-    if resume_path == "auto":
-        resume_path = os.path.join(args.output, "last.pth")
-        resume_path = resume_path if os.path.isfile(resume_path) else None
-    ck = read_resume_checkpoint(resume_path) if resume_path else None
-
-    net = build_model(backbone=args.backbone, clip_weights=args.clip_weights, input_size=args.input_size,
-                      word_len=args.word_len, ladder_dim=args.ladder_dim, bridger=not args.no_bridger,
-                      bridger_stages=tuple(args.bridger_stages), zoom=args.zoom,
-                      frozen_bn_stats=args.frozen_bn_stats)
-    net.checkpoint_backbone(args.checkpoint_backbone)
-    if ck is not None:
-        old = {k: v for k, v in ck["config"]["net"].items() if k != "clip_weights"}
-        new = {k: v for k, v in net.config.items() if k != "clip_weights"}
-        if old != new:
-            diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
-            raise ValueError(f"--resume {resume_path!r} was trained with a different model (checkpoint, now): "
-                             f"{diff}; use the same model options or another --output")
-        load_checkpoint(net, ck["model"])
-    if main_proc:
-        print(format_parameter_counts(parameter_counts(net)))
-    net.to(device)
-    if distributed and use_cuda:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # names unchanged: checkpoints stay compatible
-    model = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if use_cuda else None) \
-        if distributed else net
-    if args.compile:
-        model = torch.compile(model)
-
-    params = [p for p in net.parameters() if p.requires_grad]
-    # fused: one kernel for all tensors, and it skips a step on the device when told to (found_inf below)
-    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    scheduler = MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-
-    local_batch = args.batch_size // world
-    train_set = build_dataset(args.data, "train", root=args.data_root, input_size=args.input_size,
-                              word_len=args.word_len, skip_bad=args.skip_bad, seed=args.seed,
-                              num_samples=args.train_samples)
-    val_set = build_dataset(args.data, "val", root=args.data_root, input_size=args.input_size,
-                            word_len=args.word_len, mode="val", skip_bad=args.skip_bad, seed=args.seed,
-                            num_samples=args.val_samples)
-    sampler = ResumableSampler(len(train_set), args.batch_size, rank, world, args.seed)
-    loader = DataLoader(EpochSeeded(train_set, args.seed), batch_size=local_batch, sampler=sampler,
-                        num_workers=args.workers, collate_fn=collate, pin_memory=use_cuda,
-                        persistent_workers=args.workers > 0, worker_init_fn=_worker_init,
-                        generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG alone
-    val_loader = shard_loader(val_set, local_batch, args.workers, collate)
-
-    start_epoch, start_step, global_step, best, history, nonfinite_total = 0, 0, 0, -1.0, [], 0
-    if ck is not None:
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, start_step, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
-        best, history, nonfinite_total = ck["best_score"], list(ck["history"]), ck["nonfinite_total"]
-        if len(ck["rng"]) == world:
-            set_rng_state(ck["rng"][rank], device)  # last, after everything that draws random numbers
-        elif main_proc:
-            print(f"warning: checkpoint written by {len(ck['rng'])} processes, now {world}: RNG states not "
-                  f"restored, the run continues but is not bit-identical to an uninterrupted one")
-        if main_proc:
-            print(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {start_step} of the epoch")
-    if main_proc:
-        os.makedirs(args.output, exist_ok=True)
-        # rewrite the log from the checkpoint so epochs redone after a kill are not logged twice
-        with open(os.path.join(args.output, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
-
-    def save(path, epoch, step_in_epoch, sums):
-        states, totals = [None] * world, sums.clone()
-        if distributed:
-            dist.all_gather_object(states, rng_state(device))
-            dist.all_reduce(totals)
-        else:
-            states[0] = rng_state(device)
-        if main_proc:
-            atomic_save({"config": {"args": vars(args), "net": net.config}, "model": checkpoint_state_dict(net),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                         "global_step": global_step, "best_score": best, "history": history,
-                         "nonfinite_total": nonfinite_total + int(skipped_since.item()),
-                         "epoch_sums": totals.cpu(), "rng": states,
-                         "world_size": world}, path)
-
-    last_path, best_path = os.path.join(args.output, "last.pth"), os.path.join(args.output, "best.pth")
-    # skipped-step counters stay on the device: no host sync in the step, checked at log time
-    streak, worst_streak, skipped_since = (torch.zeros((), device=device) for _ in range(3))
-    for epoch in range(start_epoch, args.epochs):
-        if args.max_steps is not None and global_step >= args.max_steps:
-            break
-        step_in_epoch = start_step if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, step_in_epoch)
-        model.train()
-        lr = optimizer.param_groups[0]["lr"]
-        sums = torch.zeros(4, device=device)  # loss*B, IoU sum, IoU>0.5 count, samples; reduced at log time
-        if ck is not None and epoch == start_epoch and step_in_epoch > 0:
-            logged = ck["epoch_sums"].to(device)  # the killed run's part of this epoch, for the epoch's means
-            sums += logged if main_proc else 0
-        else:
-            logged = torch.zeros(4, device=device)
-        t_log, t_epoch = time.time(), time.time()
-        bar = tqdm(total=sampler.steps, initial=step_in_epoch, disable=not main_proc, dynamic_ncols=True,
-                   desc=f"epoch {epoch + 1}/{args.epochs}")
-        for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            tokens = batch["tokens"].to(device, non_blocking=True)
-            masks = batch["mask"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images, tokens)  # [B, 1, S/4, S/4]
-                loss = segmentation_loss(logits, masks)
-            # a non-finite loss or gradient skips the update on every process, decided on the device
-            bad = (~torch.isfinite(loss.detach())).float()
-            if distributed:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # queued on the device like DDP's own all-reduce
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if scaler.is_enabled():
-                scaler.step(optimizer)  # fused Adam: an overflowing fp16 step is skipped on the device too
-                scaler.update()
-            else:  # gradients are all-reduced by now, so every process reaches the same verdict
-                grads = [p.grad for p in params if p.grad is not None]
-                bad = torch.maximum(bad, (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float())
-                optimizer.found_inf = bad  # fused Adam leaves weights, moments and step count as they were
-                optimizer.step()
-            streak = (streak + 1) * bad
-            worst_streak = torch.maximum(worst_streak, streak)
-            skipped_since += bad
-            iou_sum, prec_count = train_metric(logits, masks)
-            step_sums = torch.stack([loss.detach().float() * len(images), iou_sum, prec_count,
-                                     torch.full((), float(len(images)), device=device)])  # no host-to-device copy
-            sums += torch.where(bad > 0, 0.0, step_sums)  # skipped steps count in no mean
-            step_in_epoch += 1
-            global_step += 1
-            bar.update(1)
-            if step_in_epoch % args.log_every == 0 or step_in_epoch == sampler.steps:
-                worst, skipped = (int(x) for x in torch.stack([worst_streak, skipped_since]).tolist())
-                nonfinite_total += skipped
-                skipped_since.zero_()
-                if worst >= args.max_nonfinite:
-                    raise RuntimeError(f"{args.max_nonfinite} non-finite losses in a row by epoch {epoch + 1} step "
-                                       f"{step_in_epoch}: training diverged; lower --lr, try --amp bf16/off, or "
-                                       f"resume from an earlier checkpoint")
-                totals = sums.clone()
-                if distributed:
-                    dist.all_reduce(totals)
-                window = (totals - logged).tolist()
-                logged, now = totals, time.time()
-                n = max(window[3], 1.0)
-                bar.set_postfix(loss=f"{window[0] / n:.4f}", IoU=f"{100 * window[1] / n:.2f}", lr=f"{lr:.1e}",
-                                img_s=f"{window[3] / max(now - t_log, 1e-9):.1f}")
-                t_log = now
-            stop = args.max_steps is not None and global_step >= args.max_steps
-            if (args.save_every_steps and global_step % args.save_every_steps == 0
-                    and step_in_epoch < sampler.steps and not stop):
-                save(last_path, epoch, step_in_epoch, sums)
-            if stop:
-                break
-        bar.close()
-        nonfinite_total += int(skipped_since.item())  # steps skipped since the last log step (a --max-steps stop)
-        skipped_since.zero_()
-
-        finished = step_in_epoch == sampler.steps
-        if finished:
-            scheduler.step()
-        val = evaluate(net, val_loader, device)
-        val.pop("per_sample")
-        totals = sums.clone()
-        if distributed:
-            dist.all_reduce(totals)
-        totals = totals.tolist()
-        n = max(totals[3], 1.0)
-        record = {"epoch": epoch + 1, "global_step": global_step, "epoch_complete": finished, "lr": lr,
-                  "train_loss": totals[0] / n, "train_IoU": 100 * totals[1] / n, "train_Prec@0.5": 100 * totals[2] / n,
-                  "nonfinite_skipped": nonfinite_total, "epoch_time_s": time.time() - t_epoch,
-                  **{f"val_{k}": v for k, v in val.items()}}
-        history.append(record)
-        improved = val["mIoU"] >= best
-        best = max(best, val["mIoU"])
-        next_pos = (epoch + 1, 0) if finished else (epoch, step_in_epoch)
-        if improved:
-            save(best_path, *next_pos, sums)  # best first: a kill between the two redoes this epoch, fixing both
-        save(last_path, *next_pos, sums)
-        if main_proc:
-            with open(os.path.join(args.output, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}  IoU {record['train_IoU']:.2f}  "
-                  f"| val (sentence 0, n={val['n']})\n{format_table(val)}")
-        if not finished:
-            break
-    if main_proc:
-        print(f"done: best val mIoU {best:.2f}, {global_step} steps, {nonfinite_total} non-finite steps skipped"
-              f" ({datetime.datetime.now():%Y-%m-%d %H:%M})")
-    if distributed:
-        # leave together: once in ~15 test runs a gloo rank aborted (SIGABRT) at exit, after its peer had
-        # already torn the group down
-        dist.barrier()
-        dist.destroy_process_group()
+    proc = distributed.setup(args.device)
+    net = train(args, proc)
+    distributed.teardown()
     return net
 
 
+def train(args, proc):
+    args.amp = args.amp or ("fp16" if proc.device.type == "cuda" else "off")
+    distributed.seed_and_configure(args.seed, args.deterministic, proc.device)
+    loader, val_loader, bad_at_build = build_data(args, proc)
+    net = build_net(args, proc)
+    model = wrap_for_training(net, args, proc)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr,
+                                 weight_decay=args.weight_decay, fused=True)
+    scheduler = MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_decay)
+    scaler = torch.amp.GradScaler(proc.device.type, init_scale=2.0 ** 16 if args.amp == "fp16" else 1.0)
+    progress = Progress(bad_samples=bad_at_build)
+    checkpoints = Checkpoints(net, optimizer, scheduler, scaler, progress, args, proc)
+    os.makedirs(args.output, exist_ok=True)
+    distributed.check_shared_dir(args.output)
+    resume = args.resume
+    if resume == "auto":
+        last = os.path.join(args.output, "last.pth")
+        resume = distributed.broadcast(last if proc.main and os.path.isfile(last) else None)
+    resumed_sums = checkpoints.restore(resume) if resume else None
+    if proc.main:  # rewritten from the checkpoint, so that epochs redone after a kill are not logged twice
+        with open(os.path.join(args.output, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in progress.history)
+    total = min(args.epochs * loader.sampler.steps, args.max_steps or math.inf)
+    bar = tqdm(total=total, initial=progress.global_step, disable=not proc.main, dynamic_ncols=True, desc="train")
+    while progress.epoch < args.epochs and progress.global_step < total:
+        loader.sampler.set_epoch(progress.epoch, progress.step)
+        meters = Meters(proc.device, bar, resumed_sums if proc.main else None)
+        lr = optimizer.param_groups[0]["lr"]
+        finished = train_one_epoch(model, loader, optimizer, scaler, meters, progress, checkpoints, args, proc.device)
+        if finished:
+            scheduler.step()
+        end_epoch(net, val_loader, meters, progress, checkpoints, finished, lr, args, proc)
+        resumed_sums = None
+    bar.close()
+    if proc.main:
+        print(progress.summary())
+    return net
+
+
+def end_epoch(net, val_loader, meters, progress, checkpoints, finished, lr, args, proc):
+    """Validation, the epoch's record in metrics.jsonl, best.pth if it improved, last.pth."""
+    val = evaluate(net, val_loader, proc.device)
+    val.pop("per_sample")
+    progress.add_bad_samples(distributed.gather(meters.bad_samples + val.pop("bad_samples")))
+    train = meters.means()
+    record = {"epoch": progress.epoch + 1, "global_step": progress.global_step, "epoch_complete": finished, "lr": lr,
+              **{f"train_{k}": (100 * v if k != "loss" else v) for k, v in train.items()},
+              "nonfinite_skipped": progress.skipped + meters.take_skipped()[0], "bad_samples": len(progress.bad_samples),
+              **{f"val_{k}": v for k, v in val.items()}}
+    progress.skipped = record["nonfinite_skipped"]
+    progress.history.append(record)
+    improved, progress.best = val["mIoU"] >= progress.best, max(progress.best, val["mIoU"])
+    if finished:
+        progress.epoch, progress.step = progress.epoch + 1, 0
+    if improved:
+        checkpoints.save("best.pth", meters)  # best first: a kill between the two redoes this epoch, fixing both
+    checkpoints.save("last.pth", meters)
+    if proc.main:
+        with open(os.path.join(args.output, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tqdm.write(f"epoch {record['epoch']}: train loss {train['loss']:.4f}  IoU {100 * train['IoU']:.2f}  | val "
+                   f"(sentence 0, n={val['n']})\n{format_table(val)}")
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(main)

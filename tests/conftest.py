@@ -1,4 +1,5 @@
-"""Shared test setup: import the flat modules from the repository root and keep torch to the CI's two cores."""
+"""Shared test setup: import the flat modules from the repository root, keep torch to the CI's two cores, run the
+CUDA tests last, and make sure that no other test touches CUDA where a GPU is present."""
 import os
 import sys
 
@@ -6,6 +7,7 @@ import sys
 # (the DDP and kill/resume tests); must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,3 +15,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: "cuda" in item.keywords)  # stable: the CPU tests keep their order, first
+
+
+@pytest.fixture(autouse=True)
+def cpu_tests_leave_cuda_alone(request):
+    yield
+    if "cuda" not in request.keywords:
+        assert not torch.cuda.is_initialized(), f"{request.node.nodeid} touched CUDA: give it a CPU device"

@@ -22,12 +22,6 @@ def test_text_blind_guesses_stay_low():
     assert blind['whole image']['mIoU'] < 5.0
 
 
-def test_caption_lists_objects_left_to_right():
-    scene = {'objects': [dict(cx=50, size='small', colour='red', shape='circle'),
-                         dict(cx=10, size='large', colour='blue', shape='square')]}
-    assert demo.caption(scene) == 'large blue square, small red circle'
-
-
 def test_quick_demo_trains_evaluates_and_writes_overlays(tmp_path):
     results = demo.main(['--quick', '--output', str(tmp_path), '--visualize', '2'])
     losses = results['train_loss_per_epoch']
@@ -39,7 +33,7 @@ def test_quick_demo_trains_evaluates_and_writes_overlays(tmp_path):
     from clip_loader import load_clip_state_dict
     sd = load_clip_state_dict(str(tmp_path / 'tiny_clip_random.pt'))
     assert sd['visual.conv1.weight'].shape == (64, 3, 8, 8)
-    assert torch.equal(sd['visual.conv1.weight'], demo.tiny_clip(64).state_dict()['visual.conv1.weight'])
+    assert torch.equal(sd['visual.conv1.weight'], demo.tiny_clip_state_dict(64)['visual.conv1.weight'])
     assert len(os.listdir(tmp_path / 'etris' / 'vis_synthetic_val')) == 2
     with open(tmp_path / 'demo_results.json') as f:
         saved = json.load(f)

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from clip_loader import tiny_clip_state_dict
-from dataset import build_dataset, collate
-from evaluate import evaluate, iou_stats, load_model, main, masks_to_original, shard_loader, summarize
-from model import build_model, checkpoint_state_dict
+from checkpoint import load_model, save_checkpoint
+from clip_loader import random_clip_state_dict
+from dataset import build_dataset, build_loader
+from errors import UserError
+from evaluate import evaluate, iou_stats, main, masks_to_original, summarize, train_metric
+from model import build_model
 
 
 def box(h, w, y0, y1, x0, x1):
@@ -45,6 +47,33 @@ def test_summarize_hand_computed_miou_differs_from_oiou():
     assert m["oIoU"] == pytest.approx(100 * 4 / 6)
     with pytest.raises(ValueError, match="no samples"):
         summarize([], [])
+
+
+def test_prec_counts_iou_of_exactly_seven_and_nine_tenths_as_the_authors():
+    # gt: 27,450 px; pred: 19,215 of them -> IoU 19215/27450 = 7/10 exactly (before the 1e-6 epsilon).
+    # The authors' float32 thresholds (0.7 -> 0.699999988) count it for Prec@0.7; a float64 0.7 would not.
+    gt = np.zeros((150, 183), bool)
+    gt.flat[:27450] = True
+    seven, nine = gt.copy(), gt.copy()
+    seven.flat[19215:27450] = False
+    nine.flat[24705:27450] = False                      # 24705/27450 = 9/10
+    counts = [iou_stats(seven, gt), iou_stats(nine, gt)]
+    assert counts == [(19215, 27450), (24705, 27450)]
+    m = summarize(*zip(*counts))
+    assert m["Prec@0.7"] == 100.0 and m["Prec@0.8"] == 50.0 and m["Prec@0.9"] == 50.0
+    ious = np.array([19215, 24705]) / (27450 + 1e-6)
+    assert not ious[0] > 0.7 and not ious[1] > 0.9  # float64 thresholds would have counted neither
+
+
+def test_train_metric_matches_hand_computed_iou():
+    logits = torch.full((2, 1, 2, 2), -5.0)
+    logits[0, 0, 0, :] = 5.0                              # sample 0 predicts the top row
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, :2, :] = 1.0                               # its mask is the top row at 1/2 resolution
+    mask[1, 0, 0, 0] = 0.4                                # soft edge values count as foreground (> 0)
+    iou_sum, prec = train_metric(logits, mask)
+    assert iou_sum.item() == pytest.approx(2 / (2 + 1e-6) + 0.0)  # sample 1: pred empty, mask 1 px
+    assert prec.item() == 1.0
 
 
 def letterbox_forward(h, w, size):
@@ -92,20 +121,20 @@ def tiny():
 
 
 def save_ours(net, path):
-    torch.save({"config": {"args": {}, "net": net.config}, "model": checkpoint_state_dict(net)}, path)
+    save_checkpoint(str(path), net)
     return str(path)
 
 
 def test_shards_cover_every_sample_once(tiny):
     _, ds = tiny
-    seen = [int(i) for r in range(3) for b in shard_loader(ds, 2, 0, collate, rank=r, world=3) for i in b["index"]]
+    seen = [int(i) for r in range(3) for b in build_loader(ds, 2, shard=(r, 3)) for i in b["index"]]
     assert sorted(seen) == list(range(len(ds)))  # 5 samples over 3 ranks: 2 + 2 + 1, no padding
 
 
 def test_evaluation_is_identical_for_batch_size_1_and_8(tiny):
     net, ds = tiny
-    one = evaluate(net, shard_loader(ds, 1, 0, collate), "cpu")
-    eight = evaluate(net, shard_loader(ds, 8, 0, collate), "cpu")
+    one = evaluate(net, build_loader(ds, 1), "cpu")
+    eight = evaluate(net, build_loader(ds, 8), "cpu")
     n_sent = sum(len(ds[i]["sentences"]) for i in range(len(ds)))
     assert one["n"] == n_sent > len(ds)                      # every sentence of every ref
     assert one["per_sample"] == eight["per_sample"]          # same pixels counted, sample by sample
@@ -119,10 +148,10 @@ def test_cli_writes_json_and_overlays_next_to_checkpoint(tiny, tmp_path):
     net, ds = tiny
     ck = save_ours(net, tmp_path / "best.pth")
     metrics = main(["--data", "synthetic", "--split", "test", "--checkpoint", ck, "--num-samples", "5",
-                    "--workers", "0", "--batch-size", "3", "--threshold", "0.3", "--visualize", "2"])
+                    "--workers", "0", "--batch-size", "3", "--threshold", "0.3", "--visualize", "2", "--device", "cpu"])
     record = json.load(open(tmp_path / "eval_synthetic_test.json"))
     assert record["threshold"] == 0.3 and record["interpolation"] == "bicubic"
-    direct = evaluate(net, shard_loader(ds, 4, 0, collate), "cpu", threshold=0.3)
+    direct = evaluate(net, build_loader(ds, 4), "cpu", threshold=0.3)
     for k in ("mIoU", "oIoU", "Prec@0.5", "n"):
         assert record[k] == metrics[k] == direct[k]
     pngs = sorted(os.listdir(tmp_path / "vis_synthetic_test"))
@@ -145,15 +174,15 @@ def test_load_model_ours_authors_and_wrong_files(tiny, tmp_path):
                 "state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, authors)
     theirs = load_model(authors, backbone="tiny-ViT", input_size=64, word_len=17)
     assert torch.equal(theirs(x, tok), net(x, tok))
-    with pytest.raises(ValueError, match="pass --backbone"):
+    with pytest.raises(UserError, match="pass --backbone"):
         load_model(authors)
-    with pytest.raises(RuntimeError, match="does not fit backbone 'tiny-RN'"):
+    with pytest.raises(UserError, match="does not fit backbone 'tiny-RN'"):
         load_model(authors, backbone="tiny-RN", input_size=64)
-    with pytest.raises(ValueError, match="trained with backbone 'tiny-ViT'"):
+    with pytest.raises(UserError, match="trained with backbone 'tiny-ViT'"):
         load_model(str(tmp_path / "ours.pth"), backbone="tiny-RN")
     clip = str(tmp_path / "clip.pt")
-    torch.save(tiny_clip_state_dict("ViT"), clip)
-    with pytest.raises(ValueError, match="--clip-weights"):
+    torch.save(random_clip_state_dict("tiny-ViT"), clip)
+    with pytest.raises(UserError, match="--clip-weights"):
         load_model(clip)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="nothing.pth"):
         load_model(str(tmp_path / "nothing.pth"))

@@ -7,12 +7,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bridger import Bridger, Interactor, InteractorT, Zoom
-from clip_loader import tiny_clip_state_dict
+from bridger import Bridger, PixelwiseZoom
+from checkpoint import trainable_state_dict
+from clip_loader import random_clip_state_dict
+from errors import UserError
+from layers import GatedCrossAttention, TransformerInteractor
 from loss import segmentation_loss
-from model import (BACKBONES, build_model, checkpoint_state_dict, format_parameter_counts, load_checkpoint,
-                   parameter_counts)
-from parity_fill import fill_
+from model import BACKBONES, build_model, format_parameter_counts, load_checkpoint, parameter_counts
+from parity import fill_
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 SIZE, WORD_LEN = 64, 17
@@ -34,12 +36,12 @@ def images_for(batch=2, size=SIZE):
 
 @pytest.fixture(scope="module")
 def clip_rn():
-    return tiny_clip_state_dict("RN", seed=0)
+    return random_clip_state_dict("tiny-RN", seed=0)
 
 
 @pytest.fixture(scope="module")
 def clip_vit():
-    return tiny_clip_state_dict("ViT", seed=0)
+    return random_clip_state_dict("tiny-ViT", seed=0)
 
 
 def tiny(backbone, sd, **kw):
@@ -52,7 +54,7 @@ def tiny(backbone, sd, **kw):
 @pytest.mark.parametrize("fixture", ["parity_vit.pt", "parity_rn.pt"])
 def test_golden_parity_with_authors_code(fixture):
     """The authors' model (their code, run once by a script outside the repo) and ours, both with every
-    tensor filled by tests/parity_fill.py, give the same logits in fp32 eval mode."""
+    tensor filled by parity.py, give the same logits in fp32 eval mode."""
     ref = torch.load(os.path.join(FIXTURES, fixture))
     sd = {k: torch.zeros(s, dtype=getattr(torch, ref["clip_dtypes"][k].split(".")[1]))
           for k, s in ref["clip_shapes"].items()}
@@ -144,18 +146,18 @@ def test_checkpoint_that_pickles_code_is_refused(clip_vit, tmp_path):
             return (print, ("this must never run",))
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "extra": Payload()}, path)
-    with pytest.raises(RuntimeError, match="evil.pth"):
+    with pytest.raises(UserError, match="evil.pth"):
         load_checkpoint(tiny("tiny-ViT", clip_vit), str(path))
 
 
-def test_checkpoint_state_dict_round_trip(clip_rn):
+def test_trainable_state_dict_round_trip(clip_rn):
     net = tiny("tiny-RN", clip_rn).train()
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     segmentation_loss(net(images_for(), tokens_for()), torch.ones(2, 1, SIZE, SIZE)).backward()
     opt.step()  # moves trainable tensors and BN statistics away from a fresh build
-    saved = checkpoint_state_dict(net)
+    saved = trainable_state_dict(net)
     trainable = {k for k, p in net.named_parameters() if p.requires_grad}
-    buffers = {k for k, _ in net.named_buffers()}
+    buffers = {k for k, _ in net.named_buffers()} & set(net.state_dict())  # the persistent ones
     connect = {k for k in net.state_dict() if ".attnpool.connect." in k}
     assert set(saved) == trainable | buffers | connect
     assert "backbone.visual.layer1.0.conv1.weight" not in saved  # frozen CLIP: reloaded from clip_weights
@@ -167,18 +169,18 @@ def test_checkpoint_state_dict_round_trip(clip_rn):
 
 
 def test_checkpoint_of_other_family_is_refused_naming_keys(clip_rn, clip_vit):
-    vit_ckpt = checkpoint_state_dict(tiny("tiny-ViT", clip_vit))
-    with pytest.raises(RuntimeError, match=r"unexpected keys: .*backbone\.visual\.(class_embedding|positional_embedding)"):
+    vit_ckpt = trainable_state_dict(tiny("tiny-ViT", clip_vit))
+    with pytest.raises(UserError, match=r"unexpected keys: .*backbone\.visual\.(class_embedding|positional_embedding)"):
         load_checkpoint(tiny("tiny-RN", clip_rn), vit_ckpt)
     rn = tiny("tiny-RN", clip_rn)
-    bad = checkpoint_state_dict(rn)
+    bad = trainable_state_dict(rn)
     bad["proj.txt.bias"] = torch.zeros(3)
-    with pytest.raises(RuntimeError, match=r"shape mismatches: proj\.txt\.bias \(3,\) vs model"):
+    with pytest.raises(UserError, match=r"shape mismatches: proj\.txt\.bias \(3,\) vs model"):
         load_checkpoint(rn, bad)
     del bad["proj.txt.bias"]
-    with pytest.raises(RuntimeError, match=r"missing keys: proj\.txt\.bias"):
+    with pytest.raises(UserError, match=r"missing keys: proj\.txt\.bias"):
         load_checkpoint(rn, bad)
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(UserError, match="nowhere.pth"):
         load_checkpoint(rn, "/nonexistent/nowhere.pth")
 
 
@@ -188,11 +190,15 @@ def test_bad_input_errors(clip_rn, clip_vit):
     net = tiny("tiny-RN", clip_rn)
     with pytest.raises(ValueError, match="word_len=17"):
         net(images_for(), tokens_for(word_len=18))
-    with pytest.raises(ValueError, match=r"valid backbones are ViT-B/16, RN50, RN101, tiny-ViT, tiny-RN"):
+    with pytest.raises(UserError, match=r"valid backbones are ViT-B/16, RN50, RN101, tiny-ViT, tiny-RN"):
         build_model("ViT-L/14", clip_weights=clip_vit)
-    with pytest.raises(ValueError, match="ViT but the CLIP weights given are a ResNet"):
+    with pytest.raises(UserError, match="ViT but the CLIP weights given are a ResNet"):
         build_model("tiny-ViT", clip_weights=clip_rn, input_size=SIZE)
-    with pytest.raises(ValueError, match="zoom"):
+    with pytest.raises(UserError, match=r"word_len must be in 1..77, got 78"):
+        build_model("tiny-ViT", clip_weights=clip_vit, input_size=SIZE, word_len=78)
+    with pytest.raises(UserError, match="read from the CLIP weights"):
+        build_model("tiny-ViT", clip_weights=clip_vit, input_size=SIZE, text_dim=32)
+    with pytest.raises(UserError, match="zoom"):
         tiny("tiny-RN", clip_rn, zoom="pool")
     # shorter token sequences are fine (the causal mask is cut to L)
     assert net.eval()(images_for(), tokens_for(word_len=10, lengths=(8, 4))).shape == (2, 1, 16, 16)
@@ -213,16 +219,16 @@ def test_ablation_flags(clip_rn, clip_vit):
         ref = base.eval()(x, t)
 
     # no Bridger: no Bridger parameters, plain CLIP features feed the same decoder
-    plain = tiny("tiny-ViT", clip_vit, bridger=False)
+    plain = tiny("tiny-ViT", clip_vit, bridger_stages=())
     assert parameter_counts(plain)["bridger"] == 0 and not any(k.startswith("bridger.") for k in plain.state_dict())
-    assert plain.config["bridger"] is False
+    assert plain.config.bridger_stages == ()
     fill_(plain)
     with torch.no_grad():
         out = plain.eval()(x, t)
     assert out.shape == ref.shape and (out - ref).abs().max() > 1e-3
 
     # hidden size: 32 instead of 64 shrinks every Bridger layer
-    small = tiny("tiny-ViT", clip_vit, ladder_dim=32)
+    small = tiny("tiny-ViT", clip_vit, bridger_dim=32)
     assert small.bridger.linear1["0"].out_features == 32
     assert parameter_counts(small)["bridger"] < counts["bridger"]
 
@@ -236,17 +242,17 @@ def test_ablation_flags(clip_rn, clip_vit):
     # zoom variants: conv (BN+ReLU for ViT, bare for ResNet), or per-pixel linear / MLP with resampling
     assert isinstance(base.bridger.zoom_in["0"][0], nn.Conv2d) and isinstance(base.bridger.zoom_in["2"][0], nn.ConvTranspose2d)
     assert isinstance(tiny("tiny-RN", clip_rn).bridger.zoom_in["0"], nn.Conv2d)
-    assert isinstance(base.bridger.fusion_v["0"], InteractorT)
-    assert isinstance(tiny("tiny-RN", clip_rn).bridger.fusion_v["0"], Interactor)
+    assert isinstance(base.bridger.fusion_v["0"], GatedCrossAttention)
+    assert isinstance(tiny("tiny-RN", clip_rn).bridger.fusion_v["0"], TransformerInteractor)
     for kind, rn_modules in (("linear", 1), ("mlp", 2)):
         net = tiny("tiny-RN", clip_rn, zoom=kind)
         zoom = net.bridger.zoom_in["0"]
-        assert isinstance(zoom, Zoom) and sum(isinstance(m, nn.Linear) for m in zoom.modules()) == rn_modules
+        assert isinstance(zoom, PixelwiseZoom) and sum(isinstance(m, nn.Linear) for m in zoom.modules()) == rn_modules
         assert net(x, t).shape == (2, 1, 16, 16)
     # RN zoom strides 2,1,2: every stage fuses at layer3's resolution (stride 16)
-    z = Zoom(128, 64, 64, stride=2, up=False, kind="linear")
+    z = PixelwiseZoom(128, 64, 64, stride=2, up=False, kind="linear")
     assert z(torch.randn(1, 128, 8, 8)).shape == (1, 64, 4, 4)
-    assert Zoom(512, 64, 64, stride=2, up=True, kind="mlp")(torch.randn(1, 512, 2, 2)).shape == (1, 64, 4, 4)
+    assert PixelwiseZoom(512, 64, 64, stride=2, up=True, kind="mlp")(torch.randn(1, 512, 2, 2)).shape == (1, 64, 4, 4)
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -261,3 +267,107 @@ def test_segmentation_loss_matches_independent_computation():
     expected = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
     assert abs(segmentation_loss(logits, mask).item() - expected.item()) < 1e-6
     assert torch.equal(segmentation_loss(logits, target), F.binary_cross_entropy_with_logits(logits, target))
+
+
+def test_loss_keeps_the_soft_mask_in_float32_under_autocast():
+    # letterboxed masks have soft edges (0.3 here); bf16 would round the target to 0.30078125 (fp16: 0.2998)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 1, 8, 8, generator=g)).to(torch.bfloat16)
+    mask = torch.full((2, 1, 8, 8), 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = segmentation_loss(logits, mask)
+    assert loss.dtype == torch.float32
+    x, t = logits.double(), mask.double()
+    exact = (torch.clamp(x, min=0) - x * t + torch.log1p(torch.exp(-x.abs()))).mean()
+    assert abs(loss.item() - exact.item()) < 1e-6
+    rounded = F.binary_cross_entropy_with_logits(logits.float(), mask.to(torch.bfloat16).float())
+    assert abs(rounded.item() - exact.item()) > 1e-4  # what rounding the target would have cost
+
+
+# ---------------------------------------------------------------------------------------------- fast paths
+
+@pytest.mark.parametrize("backbone", ["tiny-ViT", "tiny-RN"])
+def test_image_index_equals_repeated_images(backbone):
+    torch.manual_seed(0)
+    net = build_model(backbone, input_size=SIZE).eval()
+    images = images_for(batch=2)
+    index = torch.tensor([0, 0, 1, 0, 1])
+    tokens = torch.cat([tokens_for(2), tokens_for(2, lengths=(3, 9)), tokens_for(1, lengths=(6,))])
+    with torch.no_grad():
+        ref = net(images[index], tokens)
+        out = net(images, tokens, image_index=index)
+    assert out.shape == (5, 1, SIZE // 4, SIZE // 4)
+    assert (out - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="image_index"):
+        net(images, tokens, image_index=index[:3])
+
+
+@pytest.mark.parametrize("backbone", ["tiny-ViT", "tiny-RN"])
+def test_grad_checkpointing_leaves_weights_and_bn_statistics_identical(backbone):
+    """One Adam step with the frozen encoder's activations recomputed in backward equals one without, bit for
+    bit, BatchNorm running statistics included (a recomputed train-mode BN must not update them twice)."""
+    images, tokens = images_for(), tokens_for()
+    mask = (torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    states = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        net = build_model(backbone, input_size=SIZE, word_len=WORD_LEN).train().set_grad_checkpointing(recompute)
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+        torch.manual_seed(1)  # the same dropout masks
+        segmentation_loss(net(images, tokens), mask).backward()
+        opt.step()
+        states.append(net.state_dict())
+    plain, recomputed = states
+    assert plain.keys() == recomputed.keys()
+    for k in plain:
+        assert torch.equal(plain[k], recomputed[k]), k
+    bn_tracked = [k for k in plain if k.startswith("backbone.") and k.endswith("num_batches_tracked")]
+    assert all(plain[k].item() == 1 for k in bn_tracked) and (bn_tracked or backbone == "tiny-ViT")
+
+
+class StrayTensors(torch.overrides.TorchFunctionMode):
+    """Records every torch call during which a tensor argument or result is not on `device`."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.strays = torch.device(device), []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        stack = [args, kwargs or {}, out]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, (list, tuple)):
+                stack.extend(x)
+            elif isinstance(x, dict):
+                stack.extend(x.values())
+            elif isinstance(x, torch.Tensor) and x.device != self.device:
+                self.strays.append((getattr(func, "__name__", str(func)), tuple(x.shape), str(x.device)))
+        return out
+
+
+@pytest.mark.parametrize("backbone", ["tiny-ViT", "tiny-RN"])
+def test_every_tensor_forward_uses_moves_with_the_module(backbone):
+    """No hidden host-device copies: on the 'meta' device (a stand-in for a GPU), forward touches meta tensors only,
+    so nothing it uses stayed behind on the CPU (a plain tensor attribute, a cache) or is made there (torch.arange
+    without a device). After .to(float64) the model computes in float64 throughout."""
+    torch.manual_seed(0)
+    net = build_model(backbone, input_size=SIZE, word_len=WORD_LEN).eval()
+    images, tokens = images_for(), tokens_for()
+    with torch.no_grad():
+        ref = net(images.double().float(), tokens)
+        out64 = net.to(torch.float64)(images.double(), tokens)
+    assert out64.dtype == torch.float64
+    assert all(t.dtype == torch.float64 for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point())
+    assert (out64 - ref).abs().max().item() < 1e-3 and ref.abs().max().item() > 1e-2
+    net.to("meta")
+    images, tokens, index = images.to("meta"), tokens.to("meta"), torch.tensor([0, 1], device="meta")
+    mask = torch.zeros(2, 1, SIZE, SIZE, device="meta")
+    watch = StrayTensors("meta")
+    with torch.no_grad(), watch:
+        out = net(images, tokens, image_index=index)
+    assert out.device.type == "meta" and out.shape == (2, 1, SIZE // 4, SIZE // 4)
+    net.train().set_grad_checkpointing()
+    with watch:
+        segmentation_loss(net(images, tokens), mask).backward()
+    assert watch.strays == []

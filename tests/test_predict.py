@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint import save_checkpoint
 from dataset import build_dataset
+from errors import UserError
 from evaluate import masks_to_original
-from model import build_model, checkpoint_state_dict
+from model import build_model
 from predict import main, predict
 
 
@@ -16,7 +18,7 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     net = build_model("tiny-ViT", input_size=64, word_len=17).eval()
     path = str(tmp_path_factory.mktemp("ck") / "best.pth")
-    torch.save({"config": {"args": {}, "net": net.config}, "model": checkpoint_state_dict(net)}, path)
+    save_checkpoint(path, net)
     return net, path
 
 
@@ -55,11 +57,11 @@ def test_cli_writes_mask_and_overlay_at_original_size(tiny, tmp_path):
 def test_bad_input_is_a_clear_error(tiny, tmp_path):
     net, ck = tiny
     image = np.zeros((20, 30, 3), np.uint8)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         predict(net, str(tmp_path / "missing.jpg"), "a cat")
     junk = tmp_path / "junk.jpg"
     junk.write_text("not an image")
-    with pytest.raises(ValueError, match="could not be decoded"):
+    with pytest.raises(UserError, match="could not be decoded"):
         predict(net, str(junk), "a cat")
     with pytest.raises(ValueError, match="uint8"):
         predict(net, image.astype(np.float32), "a cat")
@@ -67,16 +69,16 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
         data = cv2.imencode(ext, np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))[1].tobytes()
         cut = tmp_path / f"cut{ext}"
         cut.write_bytes(data[:len(data) // 2])
-        with pytest.raises(ValueError, match=f"image .*cut{ext} is a truncated {kind}"):
+        with pytest.raises(UserError, match=f"image .*cut{ext} is a truncated {kind}"):
             predict(net, str(cut), "a cat")
         cut.write_bytes(data + b"\0" * 64)  # padding after the end marker is fine
         assert predict(net, str(cut), "a cat").shape == (40, 60)
     for text in ("", "   "):
-        with pytest.raises(ValueError, match="text is empty"):
+        with pytest.raises(UserError, match="text is empty"):
             predict(net, image, text)
-    with pytest.raises(ValueError, match="trained with backbone 'tiny-ViT'"):
+    with pytest.raises(UserError, match="trained with backbone 'tiny-ViT'"):
         predict(ck, image, "a cat", backbone="tiny-RN")
     authors = str(tmp_path / "authors.pth")
     torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, authors)
-    with pytest.raises(RuntimeError, match="does not fit backbone 'tiny-RN'"):
+    with pytest.raises(UserError, match="does not fit backbone 'tiny-RN'"):
         predict(authors, image, "a cat", backbone="tiny-RN")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dataset as D
+import synthetic as S
 from tokenizer import tokenize
 
 SIDES = {'left': ('cx', -1), 'right': ('cx', 1), 'top': ('cy', -1), 'bottom': ('cy', 1)}
@@ -19,9 +20,9 @@ def _filter(objs, words):
     for word in words:
         if word in ('small', 'large'):
             out = [o for o in out if o['size'] == word]
-        elif word in D._COLOURS:
+        elif word in S._COLOURS:
             out = [o for o in out if o['colour'] == word]
-        elif word in D._SHAPES:
+        elif word in S._SHAPES:
             out = [o for o in out if o['shape'] == word]
         else:
             assert word in ('shape', 'object', 'one'), word
@@ -70,9 +71,9 @@ def _iou(a, b):
 
 
 def test_deterministic_and_varied():
-    a, b = D.synthetic_scene(0, 'train', 5), D.synthetic_scene(0, 'train', 5)
+    a, b = S.synthetic_scene(0, 'train', 5), S.synthetic_scene(0, 'train', 5)
     assert np.array_equal(a['image'], b['image']) and a['sentences'] == b['sentences'] and a['target'] == b['target']
-    others = [D.synthetic_scene(0, 'val', 5), D.synthetic_scene(1, 'train', 5), D.synthetic_scene(0, 'train', 6)]
+    others = [S.synthetic_scene(0, 'val', 5), S.synthetic_scene(1, 'train', 5), S.synthetic_scene(0, 'train', 6)]
     assert all(o['image'].shape != a['image'].shape or not np.array_equal(o['image'], a['image']) for o in others)
     ds1 = D.build_dataset('synthetic', 'train', input_size=64, seed=2, mode='test')
     ds2 = D.build_dataset('synthetic', 'train', input_size=64, seed=2, mode='test')
@@ -86,7 +87,7 @@ def test_deterministic_and_varied():
 def test_scenes_masks_and_phrases():
     sizes, kinds, n_objs = set(), set(), set()
     for i in range(150):
-        sc = D.synthetic_scene(0, 'val', i)
+        sc = S.synthetic_scene(0, 'val', i)
         img, objs = sc['image'], sc['objects']
         h, w = img.shape[:2]
         sizes.add((h, w))
@@ -95,7 +96,7 @@ def test_scenes_masks_and_phrases():
         n_objs.add(len(objs))
         union = np.zeros((h, w), np.uint8)
         for o in objs:
-            assert o['shape'] in D._SHAPES and o['colour'] in D._COLOURS and o['area'] == o['mask'].sum() > 0
+            assert o['shape'] in S._SHAPES and o['colour'] in S._COLOURS and o['area'] == o['mask'].sum() > 0
             colours = img[o['mask'] > 0]
             assert (colours == colours[0]).all()  # one colour fills exactly its mask
             union += o['mask']
@@ -125,7 +126,7 @@ def test_sample_format_matches_real_data():
     assert torch.equal(s['tokens'], tokenize(sc['sentences'][0], 17)[0])
     t = D.build_dataset('synthetic', 'val', input_size=96, mode='test')[3]
     assert t['tokens'].shape == (len(sc['sentences']), 17) and t['sentences'] == sc['sentences']
-    batch = next(iter(D.build_loader(D.build_dataset('synthetic', 'train', input_size=96, num_samples=8), 4, True, 2)))
+    batch = next(iter(D.build_loader(D.build_dataset('synthetic', 'train', input_size=96, num_samples=8), 4, 2)))
     assert batch['image'].shape == (4, 3, 96, 96) and batch['mask'].shape == (4, 1, 96, 96) and batch['tokens'].shape == (4, 17)
     direct = D.build_dataset('synthetic', 'train', input_size=96, num_samples=8)[int(batch['index'][0])]
     assert torch.equal(batch['image'][0], direct['image'])  # workers generate the same scenes
@@ -134,7 +135,7 @@ def test_sample_format_matches_real_data():
 def text_blind_baselines(n_train=300, n_val=200, seed=0):
     """Mean IoU on val of guesses that ignore the sentence; positions learned from the train targets."""
     cents = np.array([[o['cy'] / sc['image'].shape[0], o['cx'] / sc['image'].shape[1]]
-                      for sc in (D.synthetic_scene(seed, 'train', i) for i in range(n_train))
+                      for sc in (S.synthetic_scene(seed, 'train', i) for i in range(n_train))
                       for o in [sc['objects'][sc['target']]]])
     hist, ye, xe = np.histogram2d(cents[:, 0], cents[:, 1], bins=6, range=[[0, 1], [0, 1]])
     iy, ix = np.unravel_index(hist.argmax(), hist.shape)
@@ -144,7 +145,7 @@ def text_blind_baselines(n_train=300, n_val=200, seed=0):
     for r in radii:
         res[f'central blob r={r}'], res[f'most common position r={r}'] = [], []
     for i in range(n_val):
-        sc = D.synthetic_scene(seed, 'val', i)
+        sc = S.synthetic_scene(seed, 'val', i)
         objs, gt = sc['objects'], sc['objects'][sc['target']]['mask']
         h, w = gt.shape
         res['largest object'].append(_iou(max(objs, key=lambda o: o['area'])['mask'], gt))
@@ -167,6 +168,6 @@ def test_language_is_needed():
 def test_generation_is_fast():
     t0 = time.perf_counter()
     for i in range(300):
-        D.synthetic_scene(0, 'test', i)
+        S.synthetic_scene(0, 'test', i)
     rate = 300 / (time.perf_counter() - t0)
     assert rate > 150, rate  # ~600-1200/s on one free core; the bound leaves room for a busy machine

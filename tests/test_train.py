@@ -18,11 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from clip_loader import tiny_clip_state_dict
+from clip_loader import random_clip_state_dict
+from errors import UserError
+from resume import ResumableSampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--data", "synthetic", "--backbone", "tiny-ViT", "--input-size", "64", "--workers", "0",
-         "--val-samples", "2"]
+         "--val-samples", "2", "--device", "cpu"]
 
 
 def final_weights(out):
@@ -30,7 +32,7 @@ def final_weights(out):
 
 
 def test_sampler_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch():
-    full = train.ResumableSampler(10, 4, rank=0, world=1, seed=3)
+    full = ResumableSampler(10, 4, rank=0, world=1, seed=3)
     assert full.steps == 2 and len(full) == 8  # the incomplete last global batch is dropped
     full.set_epoch(5)
     keys = list(full)
@@ -40,25 +42,14 @@ def test_sampler_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch():
     assert [i for _, i in full] != [i for _, i in keys]             # reshuffled per epoch
     full.set_epoch(5, start_step=1)
     assert list(full) == keys[4:]                                   # mid-epoch resume
-    halves = [train.ResumableSampler(10, 4, rank=r, world=2, seed=3) for r in (0, 1)]
+    halves = [ResumableSampler(10, 4, rank=r, world=2, seed=3) for r in (0, 1)]
     for h in halves:
         h.set_epoch(5)
     ranks = [list(h) for h in halves]
     # each global batch holds the same samples whatever the world size
     assert ranks[0][:2] + ranks[1][:2] == keys[:4] and ranks[0][2:] + ranks[1][2:] == keys[4:]
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        train.ResumableSampler(3, 4, 0, 1, 0)
-
-
-def test_train_metric_matches_hand_computed_iou():
-    logits = torch.full((2, 1, 2, 2), -5.0)
-    logits[0, 0, 0, :] = 5.0                              # sample 0 predicts the top row
-    mask = torch.zeros(2, 1, 4, 4)
-    mask[0, 0, :2, :] = 1.0                               # its mask is the top row at 1/2 resolution
-    mask[1, 0, 0, 0] = 0.4                                # soft edge values count as foreground (> 0)
-    iou_sum, prec = train.train_metric(logits, mask)
-    assert iou_sum.item() == pytest.approx(2 / (2 + 1e-6) + 0.0)  # sample 1: pred empty, mask 1 px
-    assert prec.item() == 1.0
+        ResumableSampler(3, 4, 0, 1, 0)
 
 
 def test_kill_and_resume_gives_identical_weights(tmp_path):
@@ -75,7 +66,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed = torch.load(last, weights_only=True)
-    assert killed["global_step"] < 4                         # really interrupted (4 steps in all)
+    assert killed["progress"]["global_step"] < 4             # really interrupted (4 steps in all)
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
@@ -87,7 +78,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
     ck = torch.load(last, weights_only=True)
-    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (2, 0, 4)
+    assert (ck["progress"]["epoch"], ck["progress"]["step"], ck["progress"]["global_step"]) == (2, 0, 4)
     # one metrics line per epoch even though part of an epoch was redone
     lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["epoch"] for r in lines] == [1, 2]
@@ -185,24 +176,23 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {2.0}
 
     monkeypatch.setattr(train, "segmentation_loss", lambda logits, mask: real_loss(logits, mask) * float("inf"))
-    with pytest.raises(RuntimeError, match="2 non-finite losses in a row"):
+    with pytest.raises(UserError, match=r"4 steps in a row had a non-finite loss or gradients \(--max-nonfinite 2\)"):
         train.main(args + ["--output", str(tmp_path / "b"), "--max-nonfinite", "2"])
 
 
 def test_wrong_files_and_batch_are_clear_errors(tmp_path, monkeypatch):
     clip_file = str(tmp_path / "clip.pt")
-    torch.save(tiny_clip_state_dict("ViT"), clip_file)
+    torch.save(random_clip_state_dict("tiny-ViT"), clip_file)
     ours = str(tmp_path / "ours.pth")
-    torch.save({"config": {"args": {}, "net": {}}, "model": {}}, ours)
-    with pytest.raises(ValueError, match="pass it as --clip-weights"):
+    torch.save({"config": {}, "model": {}}, ours)
+    with pytest.raises(UserError, match="pass it as --clip-weights"):
         train.main(QUICK + ["--resume", clip_file, "--output", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="use --resume"):
+    with pytest.raises(UserError, match="pass it as --weights"):
         train.main(QUICK + ["--clip-weights", ours, "--output", str(tmp_path / "x")])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="missing.pth"):
         train.main(QUICK + ["--resume", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "x")])
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ValueError, match="not divisible by 3"):
-        train.main(QUICK + ["--batch-size", "4", "--output", str(tmp_path / "x")])
+    with pytest.raises(UserError, match="not divisible by 3"):
+        train.build_data(train.parse_args(QUICK + ["--batch-size", "4"]), train.distributed.Process(world=3))
 
 
 def test_compile_trains_the_same_weights(tmp_path, monkeypatch):

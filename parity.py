@@ -1,6 +1,7 @@
-"""Deterministic weights for the parity checks against the authors' ETRIS code: every parameter and buffer
-is refilled from a generator seeded by the CRC32 of its state-dict name (without 'module.'), so two
-implementations with the same names get the same numbers whatever their init or construction order.
+"""Deterministic weights for comparing this implementation with the authors' ETRIS code (the golden fixtures of
+tests/test_model.py, benchmark.py's side-by-side runs): every parameter and buffer is refilled from a generator
+seeded by the CRC32 of its state-dict name (without 'module.'), so two implementations with the same names get the
+same numbers whatever their init or construction order.
 Scales keep activations O(1) through the frozen CLIP: fan-in scaled weights, norm weights near 1,
 positive BN variances, small biases, and small weights on the last BN of each ResNet residual branch
 (CLIP zero-inits those) so RN101's 33 residual blocks do not grow the activations. Torch-only, no repo
