@@ -186,3 +186,11 @@ def test_load_model_ours_authors_and_wrong_files(tiny, tmp_path):
         load_model(clip)
     with pytest.raises(UserError, match="nothing.pth"):
         load_model(str(tmp_path / "nothing.pth"))
+
+
+def test_no_checkpoint_yet_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"no checkpoint at exp/refcoco/ViT-B-16/best.pth: train one first \(python "
+                                        r"train.py --data refcoco ...\), or pass --checkpoint PATH; an authors' "
+                                        r"release also needs --backbone and --clip-weights"):
+        main(["--split", "testA", "--device", "cpu"])

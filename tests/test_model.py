@@ -371,3 +371,28 @@ def test_every_tensor_forward_uses_moves_with_the_module(backbone):
     with watch:
         segmentation_loss(net(images, tokens), mask).backward()
     assert watch.strays == []
+
+
+def test_dropouts_are_in_the_config_and_the_config_rebuilds_the_model(clip_rn, tmp_path):
+    from dataclasses import asdict
+
+    from checkpoint import load_model, save_checkpoint
+    net = tiny("tiny-RN", clip_rn)
+    assert net.config.ga_dropout == net.config.bridger_dropout == 0.1  # the authors' values
+    assert net.decoder.layers[0].dropout == net.decoder.layers[0].ffn[2].p == 0.1
+    assert net.bridger.fusion_v["0"].dropout == net.bridger.fusion_v["0"].self_attn.dropout == 0.1
+    off = tiny("tiny-RN", clip_rn, ga_dropout=0.0, bridger_dropout=0.0)
+    assert off.decoder.layers[0].ffn[2].p == 0.0 and off.bridger.fusion_t["2"].multihead_attn.dropout == 0.0
+    x, t = images_for(), tokens_for()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = off.train()(x, t)
+        torch.manual_seed(2)
+        assert torch.equal(a, off(x, t))  # no dropout left: train mode is deterministic
+    path = str(tmp_path / "off.pth")
+    save_checkpoint(path, off)
+    torch.save(clip_rn, tmp_path / "clip.pt")
+    again = load_model(path, clip_weights=str(tmp_path / "clip.pt"))
+    assert asdict(again.config) == {**asdict(off.config), "clip_weights": str(tmp_path / "clip.pt")}
+    with torch.no_grad():
+        assert torch.equal(again(x, t), off.eval()(x, t))

@@ -4,13 +4,16 @@ global batch; non-finite losses and gradients are skipped on the device then sto
 the same weights; wrong files for --clip-weights/--resume and an indivisible batch are clear errors; the
 sampler's order is a pure function of (seed, epoch)."""
 import json
+import math
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 import train
 from clip_loader import random_clip_state_dict
 from errors import UserError
-from resume import ResumableSampler
+from resume import PerSampleSeeds, ResumableSampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--data", "synthetic", "--backbone", "tiny-ViT", "--input-size", "64", "--workers", "0",
@@ -152,32 +155,89 @@ def test_two_process_ddp_matches_one_process(tmp_path, monkeypatch):
     assert val_ddp["train_loss"] == pytest.approx(val_one["train_loss"], rel=1e-5)
 
 
-def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
+def poisoned_loss(real_loss, poisons, good):
+    """The loss, with poisons[n] applied at call n (from 1); the losses of the other calls go into `good`."""
     calls = {"n": 0}
-    real_loss = train.segmentation_loss
 
-    def flaky(logits, mask):
+    def loss_fn(logits, mask):
         calls["n"] += 1
         loss = real_loss(logits, mask)
-        if calls["n"] == 2:  # step 2: non-finite loss
-            return loss * float("nan")
-        if calls["n"] == 3:  # step 3: finite loss, NaN gradients (sqrt'(0) = inf, times the 0 above it)
-            return loss + 0 * torch.sqrt(logits.sum() * 0)
+        if calls["n"] in poisons:
+            return poisons[calls["n"]](loss, logits)
+        good.append(loss.item() * len(logits))
         return loss
+    return loss_fn
 
-    monkeypatch.setattr(train, "segmentation_loss", flaky)
-    args = QUICK + ["--epochs", "1", "--batch-size", "2", "--train-samples", "8"]
-    train.main(args + ["--output", str(tmp_path / "a")])
+
+@pytest.fixture
+def small_fp16_scale(monkeypatch):
+    """fp16 runs start at a loss scale of 2**8 instead of 2**16, at which this tiny model's gradients fit in fp16:
+    at 2**16 its first steps overflow, a skip GradScaler makes by design, which would blur the counts here."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(train.torch.amp, "GradScaler", lambda device, init_scale=2.0 ** 16, **kw: real(
+        device, init_scale=2.0 ** 8 if init_scale == 2.0 ** 16 else init_scale, **kw))
+
+
+NAN_GRAD = lambda loss, logits: loss + 0 * torch.sqrt(logits.float().sum() * 0)  # finite loss; sqrt'(0) * 0 = NaN
+
+
+@pytest.mark.parametrize("amp, first", [("off", "inf loss"), ("bf16", "inf loss"), ("fp16", "overflow")])
+def test_every_skipped_step_is_counted_on_every_amp_path(tmp_path, monkeypatch, small_fp16_scale, amp, first):
+    """On the CPU as on a GPU: fp16 runs under fp16 autocast with GradScaler('cpu') and fused Adam, the GPU
+    default's very path. An overflowing step (a loss x 1e5 times the scale 256 is past fp16's 65504), NaN
+    gradients and a NaN loss are each skipped: weights and Adam's step count stay, the fp16 scale halves, and
+    each is counted, out of the epoch's means."""
+    poisons = {2: (lambda loss, logits: loss * 1e5) if first == "overflow" else (lambda loss, logits: loss * math.inf),
+               3: NAN_GRAD, 5: lambda loss, logits: loss * math.nan}
+    good = []
+    monkeypatch.setattr(train, "segmentation_loss", poisoned_loss(train.segmentation_loss, poisons, good))
+    train.main(QUICK + ["--epochs", "1", "--batch-size", "2", "--train-samples", "12", "--amp", amp,
+                        "--output", str(tmp_path / "a")])
     (line,) = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
-    assert line["nonfinite_skipped"] == 2 and line["global_step"] == 4
+    assert line["nonfinite_skipped"] == 3 and line["global_step"] == 6
+    assert line["train_loss"] == pytest.approx(sum(good) / (2 * len(good)), rel=1e-5)  # the 3 good steps only
     ck = torch.load(tmp_path / "a" / "last.pth", map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-    # the two skipped steps left Adam's step count (and so its moments) alone: 4 steps, 2 updates
-    assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {2.0}
+    assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {3.0}  # 6 steps, 3 updates
+    assert ck["scaler"]["scale"] == (2.0 ** 8 / 2 ** 3 if amp == "fp16" else 1.0)
 
+
+def test_a_run_of_skipped_steps_stops_training(tmp_path, monkeypatch):
+    real_loss = train.segmentation_loss
     monkeypatch.setattr(train, "segmentation_loss", lambda logits, mask: real_loss(logits, mask) * float("inf"))
     with pytest.raises(UserError, match=r"4 steps in a row had a non-finite loss or gradients \(--max-nonfinite 2\)"):
-        train.main(args + ["--output", str(tmp_path / "b"), "--max-nonfinite", "2"])
+        train.main(QUICK + ["--epochs", "1", "--batch-size", "2", "--train-samples", "8", "--max-nonfinite", "2",
+                            "--output", str(tmp_path / "b")])
+
+
+@pytest.mark.parametrize("first, then", [("off", "fp16"), ("fp16", "off")])
+def test_resume_across_amp_modes_starts_a_fresh_scaler(tmp_path, capsys, small_fp16_scale, first, then):
+    args = QUICK + ["--batch-size", "2", "--train-samples", "4", "--output", str(tmp_path)]
+    train.main(args + ["--epochs", "1", "--amp", first])
+    capsys.readouterr()
+    train.main(args + ["--epochs", "2", "--amp", then, "--resume", "auto"])
+    printed = capsys.readouterr().out
+    assert f"was trained with --amp {first}, this run uses --amp {then}: the loss scaling starts afresh" in printed
+    ck = torch.load(tmp_path / "last.pth", map_location="cpu", weights_only=True)
+    assert ck["amp"] == then and ck["progress"]["global_step"] == 4
+    assert ck["scaler"]["scale"] == (2.0 ** 8 if then == "fp16" else 1.0)  # not the other mode's, loaded
+
+
+def test_weights_start_a_fresh_run_from_ours_or_the_authors(tmp_path):
+    args = QUICK + ["--batch-size", "2", "--train-samples", "4", "--epochs", "1"]
+    trained = train.main(args + ["--output", str(tmp_path / "first")])
+    theirs = str(tmp_path / "authors.pth")
+    torch.save({"epoch": 50, "state_dict": {"module." + k: v for k, v in trained.state_dict().items()}}, theirs)
+    for weights in (str(tmp_path / "first" / "last.pth"), theirs):
+        net = train.build_net(train.parse_args(args + ["--weights", weights]), train.distributed.Process())
+        assert all(torch.equal(v, trained.state_dict()[k]) for k, v in net.state_dict().items())
+    train.main(args + ["--weights", theirs, "--output", str(tmp_path / "second")])
+    ck = torch.load(tmp_path / "second" / "last.pth", map_location="cpu", weights_only=True)
+    assert ck["progress"]["epoch"] == 1 and {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {2.0}
+    with pytest.raises(UserError, match=r"--weights .*last.pth' does not fit this model \(--backbone tiny-RN"):
+        train.build_net(train.parse_args(args + ["--backbone", "tiny-RN", "--weights", str(tmp_path / "first" /
+                                                                                             "last.pth")]),
+                        train.distributed.Process())
 
 
 def test_wrong_files_and_batch_are_clear_errors(tmp_path, monkeypatch):
@@ -216,3 +276,36 @@ def test_compile_trains_the_same_weights(tmp_path, monkeypatch):
     torch.manual_seed(0)  # as train.main before building: the initial weights, which training must have moved
     init = train.build_model("tiny-ViT", input_size=64, word_len=17).state_dict()
     assert any(not torch.equal(eager[k], init[k]) for k in eager if k.startswith("decoder."))
+
+
+def test_per_sample_seeds_restore_only_what_they_seed():
+    class Draws(torch.utils.data.Dataset):
+        def __getitem__(self, index):
+            return random.random(), float(np.random.rand()), torch.rand(1).item()
+    ds = PerSampleSeeds(Draws(), seed=3)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    a, b, c = ds[(2, 5)], ds[(2, 5)], ds[(3, 5)]
+    assert a == b and a != c  # a function of (seed, epoch, index)
+    assert random.getstate() == before[0] and (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.get_rng_state(), before[2])
+
+
+def test_skip_bad_leaves_out_bad_samples_and_reports_them_at_the_end(tmp_path, capsys):
+    from fake_refer import fake_refer_release
+    fake_refer_release(str(tmp_path / "data"), "refcoco", n_images=4, refs_per_image=2, size=(48, 64))
+    image = tmp_path / "data" / "images" / "train2014" / "COCO_train2014_000000001000.jpg"  # refs 100 (train), 101 (val)
+    image.write_bytes(image.read_bytes()[:200])
+    args = ["--data", "refcoco", "--data-root", str(tmp_path / "data"), "--backbone", "tiny-ViT", "--input-size", "64",
+            "--workers", "0", "--device", "cpu", "--batch-size", "1", "--epochs", "1", "--output", str(tmp_path / "run")]
+    with pytest.raises(UserError, match=r"ref 100 \(annotation 5000\): image file .*000000001000.jpg is a truncated "
+                                        r"JPEG.*--skip-bad"):
+        train.main(args)
+    capsys.readouterr()
+    train.main(args + ["--skip-bad"])
+    out = capsys.readouterr().out
+    assert "--skip-bad left out 2 bad sample(s); the first ones:\n  ref 100: " in out and "\n  ref 101: " in out
+    (record,) = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert record["bad_samples"] == 2 and record["global_step"] == 1 and record["val_n"] == 1
