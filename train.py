@@ -16,9 +16,7 @@ import argparse
 import json
 import math
 import os
-import random
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import MultiStepLR
