@@ -11,8 +11,8 @@ Demo: ETRIS end to end on the built-in synthetic referring dataset, on the CPU, 
    loaded exactly like OpenAI's weights.
 2. ETRIS training on the synthetic train split through train.py's main (the real code path), in two DDP
    processes over gloo by default (--procs), as `torchrun --nproc_per_node 2 train.py` would run it.
-3. Evaluation of the last checkpoint on the synthetic val split (every sentence) through evaluate.py's main,
-   which also writes a few prediction overlays (red: prediction, green outline: ground truth).
+3. Evaluation of the last checkpoint on the synthetic val scenes of --seed (every sentence) with evaluate.py's
+   protocol, which also writes a few prediction overlays (red: prediction, green outline: ground truth).
 4. Language at work: the same model given another scene's sentence, and guesses that never read the sentence
    (an object picked by a fixed rule, all objects, the whole image), scored with the same protocol.
 """
@@ -153,66 +153,63 @@ def main(argv=None):
         torch.set_num_threads(threads)  # callers (the tests) get their setting back
 
 
-def run(args):
-    out = os.path.abspath(args.output)
-    os.makedirs(out, exist_ok=True)
-    times, t0 = {}, time.time()
-
-    # 1. the frozen CLIP
+def frozen_clip(args, out):
+    """1. The frozen CLIP: the file given, or the tiny random one, saved as a CLIP state dict."""
     if args.clip_weights:
         clip_path = os.path.abspath(args.clip_weights)
         print(f"[1/4] CLIP weights: {clip_path}")
-    else:
-        clip_path = os.path.join(out, 'tiny_clip_random.pt')
-        torch.save(tiny_clip_state_dict(args.input_size, args.seed), clip_path)
-        print(f"[1/4] no CLIP weights given: using a small CLIP-shaped backbone (ViT width 64, {TINY_BLOCKS} "
-              f"blocks, patch 8; text width 64, {TINY_BLOCKS} blocks), randomly initialised and frozen -> {clip_path}")
-    times['clip'] = time.time() - t0
+        return clip_path
+    clip_path = os.path.join(out, 'tiny_clip_random.pt')
+    torch.save(tiny_clip_state_dict(args.input_size, args.seed), clip_path)
+    print(f"[1/4] no CLIP weights given: using a small CLIP-shaped backbone (ViT width 64, {TINY_BLOCKS} blocks, "
+          f"patch 8; text width 64, {TINY_BLOCKS} blocks), randomly initialised and frozen -> {clip_path}")
+    return clip_path
 
-    # 2. ETRIS training (train.py), one epoch = train_samples // batch_size steps
-    t1 = time.time()
-    run_dir = os.path.join(out, 'etris')
-    steps_per_epoch = args.train_samples // args.batch_size
-    epochs = math.ceil(args.steps / steps_per_epoch)
-    print(f"[2/4] training ETRIS: {args.steps} steps of {args.batch_size} ({epochs} epochs of "
-          f"{args.train_samples} synthetic refs) in {args.procs} process(es), frozen CLIP from {clip_path}",
-          flush=True)
+
+def train_etris(args, run_dir, clip_path):
+    """2. ETRIS training through train.py; one epoch is train_samples // batch_size steps. Returns its history."""
+    epochs = math.ceil(args.steps / (args.train_samples // args.batch_size))
+    print(f"[2/4] training ETRIS: {args.steps} steps of {args.batch_size} ({epochs} epochs of {args.train_samples} "
+          f"synthetic refs) in {args.procs} process(es), frozen CLIP from {clip_path}", flush=True)
     if os.path.isfile(os.path.join(run_dir, 'metrics.jsonl')):
         os.remove(os.path.join(run_dir, 'metrics.jsonl'))
     run_training(['--data', 'synthetic', '--backbone', 'tiny-ViT', '--clip-weights', clip_path,
-                '--input-size', str(args.input_size), '--epochs', str(epochs), '--max-steps', str(args.steps),
-                '--milestones', str(max(1, round(0.8 * epochs))), '--batch-size', str(args.batch_size),
-                '--lr', str(args.lr), '--train-samples', str(args.train_samples),
-                '--val-samples', str(args.val_samples), '--workers', '0', '--device', 'cpu',
-                '--seed', str(args.seed), '--output', run_dir, '--log-every', '25'], args.procs)
+                  '--input-size', str(args.input_size), '--epochs', str(epochs), '--max-steps', str(args.steps),
+                  '--milestones', str(max(1, round(0.8 * epochs))), '--batch-size', str(args.batch_size),
+                  '--lr', str(args.lr), '--train-samples', str(args.train_samples),
+                  '--val-samples', str(args.val_samples), '--workers', '0', '--device', 'cpu',
+                  '--seed', str(args.seed), '--output', run_dir, '--log-every', '25'], args.procs)
     with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-        history = [json.loads(line) for line in f]
-    times['train'] = time.time() - t1
+        return [json.loads(line) for line in f]
 
-    # 3. evaluation of the last checkpoint, every sentence of the val split, overlays
-    t2 = time.time()
+
+def evaluate_val(net, args, vis_dir):
+    """3. The evaluation protocol on every sentence of this seed's val scenes, with a few overlays; 4. the model
+    given another scene's sentence, and the guesses that never read the sentence."""
     print(f"[3/4] evaluating on the synthetic val split ({args.val_samples} refs, every sentence)", flush=True)
-    ckpt = os.path.join(run_dir, 'last.pth')
-    metrics = evaluate.main([
-        '--data', 'synthetic', '--split', 'val', '--checkpoint', ckpt, '--num-samples', str(args.val_samples),
-        '--visualize', str(args.visualize), '--workers', '0', '--batch-size', '16', '--device', 'cpu',
-        '--output', os.path.join(out, 'eval_val.json')])
-    times['evaluate'] = time.time() - t2
-
-    # 4. language at work
-    t3 = time.time()
-    print("[4/4] text-blind baselines and the model given another scene's sentence", flush=True)
-    net = load_model(ckpt, device='cpu')
     val = build_dataset('synthetic', 'val', input_size=net.config.input_size, word_len=net.config.word_len,
                         mode='test', num_samples=args.val_samples, seed=args.seed)
-    loader = build_loader(OtherSentence(val), 16)
-    wrong = evaluate.evaluate(net, loader, torch.device('cpu'))
-    wrong.pop('per_sample')
-    blind = text_blind_baselines(args.val_samples, args.seed)
-    best_blind = max(blind, key=lambda k: blind[k]['mIoU'])
-    times['baselines'] = time.time() - t3
-    times['total'] = time.time() - t0
+    metrics = evaluate.evaluate(net, build_loader(val, 16), torch.device('cpu'), visualize=args.visualize,
+                                vis_dir=vis_dir)
+    print("[4/4] text-blind baselines and the model given another scene's sentence", flush=True)
+    wrong = evaluate.evaluate(net, build_loader(OtherSentence(val), 16), torch.device('cpu'))
+    for m in (metrics, wrong):
+        del m['per_sample'], m['bad_samples']
+    return metrics, wrong, text_blind_baselines(args.val_samples, args.seed)
 
+
+def run(args):
+    out = os.path.abspath(args.output)
+    run_dir = os.path.join(out, 'etris')
+    os.makedirs(out, exist_ok=True)
+    times, t0 = {}, time.time()
+    clip_path = frozen_clip(args, out)
+    history = train_etris(args, run_dir, clip_path)
+    times['train'] = time.time() - t0
+    net = load_model(os.path.join(run_dir, 'last.pth'), device='cpu')
+    metrics, wrong, blind = evaluate_val(net, args, os.path.join(run_dir, 'vis_synthetic_val'))
+    best_blind = max(blind, key=lambda k: blind[k]['mIoU'])
+    times['total'] = time.time() - t0
     results = {
         'clip_weights': clip_path, 'args': vars(args),
         'train_loss_per_epoch': [r['train_loss'] for r in history],
@@ -222,7 +219,12 @@ def run(args):
     }
     with open(os.path.join(out, 'demo_results.json'), 'w') as f:
         json.dump(results, f, indent=2)
-    vis_dir = os.path.join(run_dir, 'vis_synthetic_val')
+    print_summary(results, os.path.join(run_dir, 'vis_synthetic_val'), os.path.join(out, 'demo_results.json'))
+    return results
+
+
+def print_summary(results, vis_dir, results_path):
+    metrics, wrong, blind = results['val'], results['other_sentence'], results['text_blind']
     print("\n=== ETRIS demo (synthetic val split, every sentence; IoU in %) ===")
     print(f"train loss per epoch:           {' '.join(f'{x:.4f}' for x in results['train_loss_per_epoch'])}")
     print(f"ETRIS:                          mIoU {metrics['mIoU']:6.2f}  oIoU {metrics['oIoU']:6.2f}  "
@@ -230,10 +232,10 @@ def run(args):
     print(f"ETRIS, another scene's text:    mIoU {wrong['mIoU']:6.2f}  oIoU {wrong['oIoU']:6.2f}")
     for name, m in blind.items():
         print(f"text-blind, {name + ':':<21} mIoU {m['mIoU']:6.2f}  oIoU {m['oIoU']:6.2f}")
-    print(f"best text-blind guess:          {best_blind} (mIoU {blind[best_blind]['mIoU']:.2f})")
-    print(f"overlays: {vis_dir}   results: {os.path.join(out, 'demo_results.json')}")
-    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    return results
+    print(f"best text-blind guess:          {results['best_text_blind']['rule']} "
+          f"(mIoU {results['best_text_blind']['mIoU']:.2f})")
+    print(f"overlays: {vis_dir}   results: {results_path}")
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results['seconds'].items()))
 
 
 if __name__ == '__main__':
