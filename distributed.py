@@ -150,7 +150,9 @@ def check_shared_dir(path):
             sees = f.read() == token
     except OSError:
         sees = False
-    blind = [r for r, ok in enumerate(gather(sees)) if not ok]
+    blind = [r for r, ok in enumerate(gather(sees)) if not ok]  # every rank has read the token by now
+    if dist.get_rank() == 0:
+        os.remove(token_file)
     if blind:
         raise UserError(f"--output {path} is not shared: rank(s) {blind} do not see what rank 0 writes there. "
                         f"Put the output folder on a filesystem that every node mounts")
