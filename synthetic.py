@@ -112,8 +112,7 @@ def synthetic_scene(seed, split, index):
             if len(objs) == n:
                 break
             size = 'large' if rnd.random() < .4 else 'small'
-            # objects span several 8-px patches of a 64-px input: with 0.7-0.8 of these radii (measured)
-            # the demo's tiny model was at 36 val mIoU where it now is at 48, its masks bound by the patch grid
+            # objects span several 8-px patches of the demo's 64-px input, so that its masks are not bound by the grid
             r = round(side * (rnd.uniform(.18, .24) if size == 'large' else rnd.uniform(.1, .13)))
             cx, cy = rnd.randint(r + 2, w - r - 3), rnd.randint(r + 2, h - r - 3)
             if all(math.hypot(cx - o['cx'], cy - o['cy']) > 1.25 * (r + o['r']) + 2 for o in objs):
