@@ -52,6 +52,7 @@ def parse_args(argv=None):
     g.add_argument("--bridger-dim", type=int, default=64, help="the Bridger's width d")
     g.add_argument("--bridger-stages", type=int, nargs="*", default=[0, 1, 2], help="none: no Bridger (ablation)")
     g.add_argument("--zoom", default="conv", choices=["conv", "linear", "mlp"], help="Bridger zoom layers")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout in GA and the ResNet Bridger (the paper: 0.1)")
     g.add_argument("--frozen-bn-stats", action="store_true", help="keep the ResNet BN running stats frozen")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute the frozen CLIP blocks in backward instead of storing them (less memory)")
@@ -202,7 +203,8 @@ def build_net(args, proc):
     if args.clip_weights is None and not args.backbone.startswith("tiny-"):
         distributed.on_each_node_first(lambda: fetch_openai_weights(args.backbone))
     net = build_model(args.backbone, args.clip_weights, args.input_size, args.word_len, bridger_dim=args.bridger_dim,
-                      bridger_stages=tuple(args.bridger_stages), zoom=args.zoom, frozen_bn_stats=args.frozen_bn_stats)
+                      bridger_stages=tuple(args.bridger_stages), zoom=args.zoom, frozen_bn_stats=args.frozen_bn_stats,
+                      ga_dropout=args.dropout, bridger_dropout=args.dropout)
     if args.weights:
         kind = checkpoint_kind(args.weights)
         if kind not in ("etris", "etris-authors"):

@@ -1,4 +1,7 @@
-"""Tests for the synthetic referring dataset: deterministic, exact masks, unambiguous phrases, language needed."""
+"""Tests for the synthetic referring dataset: deterministic, exact masks, unambiguous phrases, balanced phrase kinds,
+language needed."""
+import collections
+import random
 
 import cv2
 import numpy as np
@@ -43,13 +46,6 @@ def referents(phrase, objs, side):
                 return cands  # someone is borderline: ambiguous
             return [o for o, d in zip(cands, offs) if d > .12 * side]
     words = phrase.split()[1:]
-    for suffix, where in (('on the left', 'left'), ('on the right', 'right'), ('at the top', 'top'),
-                          ('at the bottom', 'bottom')):
-        if phrase.endswith(suffix):
-            return _extreme(_filter(objs, words[:-3]), where, side)
-    superl = {'leftmost': 'left', 'rightmost': 'right', 'topmost': 'top', 'bottom': 'bottom'}
-    if words[0] in superl:
-        return _extreme(_filter(objs, words[1:]), superl[words[0]], side)
     if words[0] in ('largest', 'biggest', 'smallest'):
         group = sorted(_filter(objs, words[1:]), key=lambda o: int(o['mask'].sum()), reverse=words[0] != 'smallest')
         a = [int(o['mask'].sum()) for o in group]
@@ -58,11 +54,10 @@ def referents(phrase, objs, side):
     return _filter(objs, words)
 
 
-def _extreme(group, where, side):
-    axis, sign = SIDES[where]
-    best = max(group, key=lambda o: sign * o[axis])
-    clear = len(group) >= 2 and all(sign * (best[axis] - o[axis]) > .12 * side for o in group if o is not best)
-    return [best] if clear else group
+def sentence_kind(phrase):
+    if any(f' {r} the ' in phrase for r in RELATIONS):
+        return 'relation'
+    return 'size' if phrase.split()[1] in ('largest', 'biggest', 'smallest') else 'attribute'
 
 
 def _iou(a, b):
@@ -84,7 +79,7 @@ def test_deterministic_and_varied():
 
 
 def test_scenes_masks_and_phrases():
-    sizes, kinds, n_objs = set(), set(), set()
+    sizes, kinds, n_objs = set(), collections.Counter(), set()
     for i in range(150):
         sc = S.synthetic_scene(0, 'val', i)
         img, objs = sc['image'], sc['objects']
@@ -104,10 +99,22 @@ def test_scenes_masks_and_phrases():
         np.testing.assert_array_equal(img.max(2) > 125, union > 0)
         for s in sc['sentences']:
             assert referents(s, objs, min(h, w)) == [objs[sc['target']]], (s, sc['target'])
-            kinds.add('rel' if any(f' {r} the ' in s for r in RELATIONS) else s.split()[1])
+            kinds[sentence_kind(s)] += 1
             tokenize(s, 17)  # fits the word length without truncation
     assert len(sizes) > 50 and any(h != w for h, w in sizes) and n_objs == {2, 3, 4, 5}
-    assert {'rel', 'largest', 'smallest', 'leftmost'} <= kinds or len(kinds) >= 8
+    # the kinds are drawn in turn, so relations (the most numerous phrases) do not crowd out the others
+    total = sum(kinds.values())
+    assert set(kinds) == {'attribute', 'size', 'relation'} and kinds['size'] > 0.08 * total, kinds
+    assert max(kinds.values()) < 0.5 * total, kinds
+
+
+def test_pick_sentences_takes_kinds_in_turn():
+    by_kind = {'attribute': ['the red one'], 'size': [], 'relation': [f'the circle left of the {c} square' for c in 'ab']}
+    for seed in range(20):
+        picked = S._pick_sentences(by_kind, 2, random.Random(seed))
+        assert len(picked) == 2 and 'the red one' in picked  # one of each kind before a second relation
+        every = S._pick_sentences(by_kind, 5, random.Random(seed))
+        assert sorted(every) == sorted(by_kind['attribute'] + by_kind['relation'])
 
 
 def test_sample_format_matches_real_data():

@@ -306,3 +306,18 @@ def test_skip_bad_leaves_out_bad_samples_and_reports_them_at_the_end(tmp_path, c
     assert "--skip-bad left out 2 bad sample(s); the first ones:\n  ref 100: " in out and "\n  ref 101: " in out
     (record,) = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert record["bad_samples"] == 2 and record["global_step"] == 1 and record["val_n"] == 1
+
+
+def test_dropout_option_sets_ga_and_bridger_dropout():
+    def ps(module):  # every dropout probability in a module: nn.Dropout and the layers that call F.dropout
+        return sorted({m.p for m in module.modules() if isinstance(m, nn.Dropout)} |
+                      {m.dropout for m in module.modules() if isinstance(getattr(m, 'dropout', None), float)})
+    for dropout, expected in ((None, 0.1), ("0", 0.0), ("0.3", 0.3)):
+        option = [] if dropout is None else ["--dropout", dropout]
+        for backbone in ("tiny-ViT", "tiny-RN"):
+            args = train.parse_args(QUICK + ["--backbone", backbone] + option)
+            net = train.build_net(args, train.distributed.Process())
+            assert net.config.ga_dropout == net.config.bridger_dropout == expected
+            assert ps(net.decoder) == [expected]
+        # the ResNet Bridger's interactors take it too; the ViT Bridger, like the authors', has no dropout
+        assert ps(net.bridger) == [expected]
