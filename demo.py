@@ -78,7 +78,7 @@ def text_blind_baselines(num_samples, seed=0):
     pairs as evaluate.py on the synthetic val split, at the original resolution. 'random object' is the exact
     expectation of picking one of the scene's objects uniformly: one draw's luck would move the best guess by
     points."""
-    from evaluate import PREC_THRESHOLDS, iou_stats, summarize
+    from evaluate import iou_stats, summarize
     centre = lambda o, h, w: (o['cx'] - w / 2) ** 2 + (o['cy'] - h / 2) ** 2
     rules = {
         'largest object': lambda objs, h, w: max(objs, key=lambda o: o['area'])['mask'],
@@ -88,7 +88,7 @@ def text_blind_baselines(num_samples, seed=0):
         'whole image': lambda objs, h, w: np.ones((h, w), bool),
     }
     stats = {name: ([], []) for name in rules}
-    random_pick = []  # per sentence: [mean intersection, mean union, mean IoU, P(IoU > t) for each t]
+    random_pick = ([], [], [])  # intersection, union and weight 1/n of each of a scene's n objects, per sentence
     for index in range(num_samples):
         scene = synthetic_scene(seed, 'val', index)
         objs, (h, w) = scene['objects'], scene['image'].shape[:2]
@@ -98,17 +98,13 @@ def text_blind_baselines(num_samples, seed=0):
             for _ in scene['sentences']:  # one guess per scene, scored once per sentence like the model
                 stats[name][0].append(inter)
                 stats[name][1].append(union)
-        counts = np.array([iou_stats(o['mask'], gt) for o in objs], np.float64)  # [objects, 2]
-        ious = counts[:, 0] / (counts[:, 1] + 1e-6)
-        expectation = [*counts.mean(0), ious.mean(), *[(ious > t).mean() for t in PREC_THRESHOLDS.values()]]
-        random_pick += [expectation] * len(scene['sentences'])
-    random_pick = np.array(random_pick)
-    random_object = {'mIoU': 100 * random_pick[:, 2].mean(),
-                     'oIoU': 100 * random_pick[:, 0].sum() / random_pick[:, 1].sum(),
-                     **{name: 100 * random_pick[:, 3 + i].mean() for i, name in enumerate(PREC_THRESHOLDS)}}
-    random_object = {k: float(v) for k, v in random_object.items()}
-    return {'random object': {**random_object, 'n': len(random_pick)},
-            **{name: summarize(*s) for name, s in stats.items()}}
+        for o in objs:
+            inter, union = iou_stats(o['mask'], gt)
+            for _ in scene['sentences']:
+                random_pick[0].append(inter)
+                random_pick[1].append(union)
+                random_pick[2].append(1 / len(objs))
+    return {'random object': summarize(*random_pick), **{name: summarize(*s) for name, s in stats.items()}}
 
 
 def _train_process(rank, world, port, argv):
@@ -237,7 +233,7 @@ def run(args):
     out = os.path.abspath(args.output)
     run_dir = os.path.join(out, 'etris')
     os.makedirs(out, exist_ok=True)
-    times, t0, load = {}, time.time(), [os.getloadavg()]
+    times, t0, load_at_start = {}, time.time(), os.getloadavg()
     clip_path = frozen_clip(args, out)
     history = train_etris(args, run_dir, clip_path)
     times['train'] = time.time() - t0
@@ -252,7 +248,7 @@ def run(args):
         'val': metrics, 'other_sentence': wrong, 'text_blind': blind,
         'best_text_blind': {'rule': best_blind, **blind[best_blind]}, 'seconds': times,
         # how busy the machine was: CPU seconds of this process and the training processes, load at start and end
-        'cpu_seconds': cpu_seconds(), 'load_average': load + [os.getloadavg()],
+        'cpu_seconds': cpu_seconds(), 'load_average': [load_at_start, os.getloadavg()],
         'val_per_sentence': per_sentence,
     }
     with open(os.path.join(out, 'demo_results.json'), 'w') as f:

@@ -74,16 +74,19 @@ def train_metric(logits, mask, threshold=0.35):
     return ious.sum(), (ious > 0.5).sum().float()
 
 
-def summarize(inters, unions):
-    """Per-sentence pixel counts -> dict of percentages: mIoU, oIoU, Prec@0.5..0.9, and n."""
+def summarize(inters, unions, weights=None):
+    """Per-sentence pixel counts -> dict of percentages: mIoU, oIoU, Prec@0.5..0.9, and n. weights (optional): one
+    per entry, for the expected scores of a guess drawn at random (demo.py); n is then their sum."""
     inters, unions = np.asarray(inters, dtype=np.float64), np.asarray(unions, dtype=np.float64)
     if inters.size == 0:
         raise ValueError("summarize: no samples to summarize (empty split or shard?)")
+    w = np.ones_like(inters) if weights is None else np.asarray(weights, dtype=np.float64)
+    mean = lambda x: (w * x).sum() / w.sum()  # all weights 1: exactly x.mean()
     ious = inters / (unions + 1e-6)  # the authors' epsilon: an empty prediction of an empty mask scores 0
-    out = {"mIoU": 100.0 * ious.mean(), "oIoU": 100.0 * inters.sum() / max(unions.sum(), 1.0)}
+    out = {"mIoU": 100.0 * mean(ious), "oIoU": 100.0 * (w * inters).sum() / max((w * unions).sum(), 1.0)}
     for name, t in PREC_THRESHOLDS.items():
-        out[name] = 100.0 * float((ious > t).mean())  # strict '>', as engine.py
-    out["n"] = int(inters.size)
+        out[name] = 100.0 * float(mean(ious > t))  # strict '>', as engine.py
+    out["n"] = int(round(w.sum()))
     return {k: (float(v) if k != "n" else v) for k, v in out.items()}
 
 
