@@ -158,7 +158,9 @@ class Projector(nn.Module):
         x = self.vis(x)  # [B, dim, 4h, 4w]
         B, C, H, W = x.shape
         kernel = self.txt(sentence)  # [B, dim*k*k + 1]
-        weight = kernel[:, :-1].reshape(B, C, self.kernel_size, self.kernel_size)
-        # one group per sample: sample b's pixels are convolved with sample b's kernel only
-        out = F.conv2d(x.reshape(1, B * C, H, W), weight, kernel[:, -1], padding=self.kernel_size // 2, groups=B)
-        return out.transpose(0, 1)  # [B, 1, H, W]
+        weight = kernel[:, :-1].reshape(B * C, 1, self.kernel_size, self.kernel_size)
+        # sample b's pixels meet sample b's kernel only: the authors' grouped conv (one group per sample), computed
+        # channel by channel (a depthwise conv) and summed over channels, which is the same sum in another order
+        # and 10x faster on the CPU, where oneDNN is slow at one output channel per group
+        out = F.conv2d(x.reshape(1, B * C, H, W), weight, padding=self.kernel_size // 2, groups=B * C)
+        return out.reshape(B, C, H, W).sum(1, keepdim=True) + kernel[:, -1, None, None, None]  # [B, 1, H, W]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from bridger import Bridger, PixelwiseZoom
 from checkpoint import trainable_state_dict
 from clip_loader import random_clip_state_dict
+from decoder import Projector
 from errors import UserError
 from layers import GatedCrossAttention, TransformerInteractor
 from loss import segmentation_loss
@@ -253,6 +254,26 @@ def test_ablation_flags(clip_rn, clip_vit):
     z = PixelwiseZoom(128, 64, 64, stride=2, up=False, kind="linear")
     assert z(torch.randn(1, 128, 8, 8)).shape == (1, 64, 4, 4)
     assert PixelwiseZoom(512, 64, 64, stride=2, up=True, kind="mlp")(torch.randn(1, 512, 2, 2)).shape == (1, 64, 4, 4)
+
+
+def test_projector_applies_each_sample_its_own_kernel():
+    """The dynamic conv against the authors' formulation, one 3x3 conv (out 1 channel, with bias) per sample, in
+    float64: the same logits and the same gradients for the pixels and the sentence kernels."""
+    torch.manual_seed(0)
+    proj = Projector(sentence_dim=16, dim=8).double()
+    pixels = torch.randn(3, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(3, 8 * 9 + 1, dtype=torch.float64, requires_grad=True)
+    proj.vis, proj.txt = nn.Identity(), nn.Identity()  # feed the pixel features and kernels directly
+    ours = proj(pixels, kernel)
+    theirs = torch.cat([F.conv2d(pixels[b:b + 1], kernel[b, :-1].reshape(1, 8, 3, 3), kernel[b, -1:], padding=1)
+                        for b in range(3)])
+    assert ours.shape == theirs.shape == (3, 1, 5, 6)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+    g = torch.randn_like(ours)
+    grads = [torch.autograd.grad(out, (pixels, kernel), g) for out in (ours, theirs)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert theirs.abs().max() > 1
 
 
 # ---------------------------------------------------------------------------------------------- loss
