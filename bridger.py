@@ -33,7 +33,7 @@ class PixelwiseZoom(nn.Module):
         if kind == "linear":
             self.proj = nn.Linear(in_dim, out_dim)
         else:
-            self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+            self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, x):  # [B, C, H, W] -> [B, C', H*s, W*s] (up) or [B, C', H/s, W/s] (down)
         if self.stride > 1 and not self.up:

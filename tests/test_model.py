@@ -276,6 +276,47 @@ def test_projector_applies_each_sample_its_own_kernel():
     assert theirs.abs().max() > 1
 
 
+def test_projector_upsampling_stack_in_channels_last_equals_nchw():
+    """The Projector runs its upsampling and convs channels-last (faster on the CPU): in float64 its logits and
+    gradients equal the same layers run on NCHW maps, followed by one 3x3 conv per sample."""
+    torch.manual_seed(0)
+    proj = Projector(sentence_dim=16, dim=8).double().train()
+    pixels = torch.randn(3, 16, 4, 5, dtype=torch.float64, requires_grad=True)
+    sentence = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    ours = proj(pixels, sentence)
+    x = pixels
+    for layer in proj.vis:  # NCHW throughout
+        x = layer(x)
+    assert x.is_contiguous() and x.shape == (3, 8, 16, 20)
+    kernel = proj.txt(sentence)
+    theirs = torch.cat([F.conv2d(x[b:b + 1], kernel[b, :-1].reshape(1, 8, 3, 3), kernel[b, -1:], padding=1)
+                        for b in range(3)])
+    assert ours.shape == (3, 1, 16, 20) and ours.is_contiguous()
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12) and theirs.abs().max() > 0.1
+    g = torch.randn_like(ours)
+    for a, b in zip(*[torch.autograd.grad(out, (pixels, sentence, proj.vis[1][0].weight), g) for out in (ours, theirs)]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-ViT", "tiny-RN"])
+def test_training_graph_copies_no_whole_tensors(backbone):
+    """No in-place op on a view in the trained path: autograd would record a CopySlices node and copy the whole
+    base tensor in backward (the GA FFN's in-place ReLU on a Linear's 3-D output did, a few % of the demo's step)."""
+    torch.manual_seed(0)
+    net = build_model(backbone, input_size=SIZE, word_len=WORD_LEN, ga_dropout=0.0, bridger_dropout=0.0).train()
+    logits = net(images_for(), tokens_for())
+    names, seen, todo = [], set(), [logits.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        todo.extend(n for n, _ in node.next_functions)
+    assert any("ConvolutionBackward" in n for n in names) and len(names) > 100  # the whole graph was walked
+    assert not [n for n in names if "CopySlices" in n]
+
+
 # ---------------------------------------------------------------------------------------------- loss
 
 def test_segmentation_loss_matches_independent_computation():
