@@ -294,14 +294,16 @@ def test_projector_upsampling_stack_in_channels_last_equals_nchw():
     assert ours.shape == (3, 1, 16, 20) and ours.is_contiguous()
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-12) and theirs.abs().max() > 0.1
     g = torch.randn_like(ours)
-    for a, b in zip(*[torch.autograd.grad(out, (pixels, sentence, proj.vis[1][0].weight), g) for out in (ours, theirs)]):
+    inputs = (pixels, sentence, proj.vis[1][0].weight)
+    for a, b in zip(*[torch.autograd.grad(out, inputs, g) for out in (ours, theirs)]):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("backbone", ["tiny-ViT", "tiny-RN"])
 def test_training_graph_copies_no_whole_tensors(backbone):
     """No in-place op on a view in the trained path: autograd would record a CopySlices node and copy the whole
-    base tensor in backward (the GA FFN's in-place ReLU on a Linear's 3-D output did, a few % of the demo's step)."""
+    base tensor in backward (a ReLU in place on a Linear's 3-D output in the GA FFN would: a few % of the demo's
+    step)."""
     torch.manual_seed(0)
     net = build_model(backbone, input_size=SIZE, word_len=WORD_LEN, ga_dropout=0.0, bridger_dropout=0.0).train()
     logits = net(images_for(), tokens_for())
