@@ -256,6 +256,13 @@ def test_ablation_flags(clip_rn, clip_vit):
     assert PixelwiseZoom(512, 64, 64, stride=2, up=True, kind="mlp")(torch.randn(1, 512, 2, 2)).shape == (1, 64, 4, 4)
 
 
+def per_sample_conv(pixels, kernels):
+    """The authors' formulation of the Projector's dynamic conv: one 3x3 conv (out 1 channel, with bias) per sample."""
+    C = pixels.shape[1]
+    return torch.cat([F.conv2d(pixels[b:b + 1], kernels[b, :-1].reshape(1, C, 3, 3), kernels[b, -1:], padding=1)
+                      for b in range(len(pixels))])
+
+
 def test_projector_applies_each_sample_its_own_kernel():
     """The dynamic conv against the authors' formulation, one 3x3 conv (out 1 channel, with bias) per sample, in
     float64: the same logits and the same gradients for the pixels and the sentence kernels."""
@@ -265,8 +272,7 @@ def test_projector_applies_each_sample_its_own_kernel():
     kernel = torch.randn(3, 8 * 9 + 1, dtype=torch.float64, requires_grad=True)
     proj.vis, proj.txt = nn.Identity(), nn.Identity()  # feed the pixel features and kernels directly
     ours = proj(pixels, kernel)
-    theirs = torch.cat([F.conv2d(pixels[b:b + 1], kernel[b, :-1].reshape(1, 8, 3, 3), kernel[b, -1:], padding=1)
-                        for b in range(3)])
+    theirs = per_sample_conv(pixels, kernel)
     assert ours.shape == theirs.shape == (3, 1, 5, 6)
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
     g = torch.randn_like(ours)
@@ -288,9 +294,7 @@ def test_projector_upsampling_stack_in_channels_last_equals_nchw():
     for layer in proj.vis:  # NCHW throughout
         x = layer(x)
     assert x.is_contiguous() and x.shape == (3, 8, 16, 20)
-    kernel = proj.txt(sentence)
-    theirs = torch.cat([F.conv2d(x[b:b + 1], kernel[b, :-1].reshape(1, 8, 3, 3), kernel[b, -1:], padding=1)
-                        for b in range(3)])
+    theirs = per_sample_conv(x, proj.txt(sentence))
     assert ours.shape == (3, 1, 16, 20) and ours.is_contiguous()
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-12) and theirs.abs().max() > 0.1
     g = torch.randn_like(ours)
