@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 
 import torch
 
@@ -81,6 +82,66 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def host_syncs(fn):
+    """How many times fn() makes the host wait for the GPU (CUDA's sync debug mode warns at each such op)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def forced_sync_batchnorm(net, device):
+    """net with every BatchNorm a SyncBatchNorm that takes its synchronising path (all-gather the statistics,
+    then drop empty ranks' entries with a mask, which waits for the GPU) even in this one-process NCCL group,
+    where nn.SyncBatchNorm would fall back to plain batch norm: what SyncBN costs each step of a multi-GPU run
+    (train.py converts the whole model, the frozen backbone's train-mode BNs included), measured on one GPU."""
+    import torch.distributed as dist
+    import torch.nn as nn
+    from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
+    if device.type != "cuda":
+        raise SystemExit("--syncbn needs a CUDA device (SyncBatchNorm runs on GPUs only)")
+
+    class ForcedSyncBatchNorm(nn.SyncBatchNorm):
+        def forward(self, x):
+            if not self.training:
+                return super().forward(x)
+            self.num_batches_tracked.add_(1)
+            return sync_batch_norm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                         self.momentum, dist.group.WORLD, 1)
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    dist.init_process_group("nccl", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1,
+                            device_id=torch.device("cuda", index))
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for m in net.modules():
+        if type(m) is nn.SyncBatchNorm:
+            m.__class__ = ForcedSyncBatchNorm
+    return net
+
+
+def batchnorm_forwards(backbone, grad_checkpointing, input_size=64):
+    """Train-mode BatchNorm forwards in one training step (forward and backward): under torchrun on GPUs each is
+    a SyncBatchNorm forward, which makes the host wait for the GPU once."""
+    import torch.nn as nn
+    from clip_loader import random_clip_state_dict
+    from loss import segmentation_loss
+    from model import build_model
+    net = build_model(backbone, random_clip_state_dict(backbone), input_size, 17).set_grad_checkpointing(
+        grad_checkpointing).train()
+    calls = []
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.register_forward_hook(lambda mod, *_: calls.append(1) if mod.training else None)
+    images, tokens, mask = make_inputs(types.SimpleNamespace(batch_size=2, input_size=input_size, word_len=17),
+                                       torch.device("cpu"))
+    segmentation_loss(net(images, tokens), mask).backward()
+    return len(calls)
 
 
 def machine(device):
@@ -150,6 +211,8 @@ class Ours:
         net.set_grad_checkpointing(a.grad_checkpointing).to(device)
         if a.channels_last:
             net.to(memory_format=torch.channels_last)
+        if a.syncbn:
+            net = forced_sync_batchnorm(net, device)
         self.net = net
         self.fwd = torch.compile(net) if a.compile else net
         self.params = [p for p in net.parameters() if p.requires_grad]
@@ -161,7 +224,8 @@ class Ours:
         dtype = AMP_DTYPES[self.a.amp]
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def train_step(self, images=None, tokens=None, mask=None):
+    def step(self, images=None, tokens=None, mask=None):
+        """One training step, as train.py runs it."""
         from loss import segmentation_loss
         from train import optimizer_step
         if images is None:
@@ -169,10 +233,13 @@ class Ours:
         if self.a.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         self.net.train()
+        with self.autocast():
+            loss = segmentation_loss(self.fwd(images, tokens), mask)
+        optimizer_step(loss, self.opt, self.scaler, self.params, self.a.amp)
+
+    def train_step(self, *batch):
         with Timer(self.device) as t:
-            with self.autocast():
-                loss = segmentation_loss(self.fwd(images, tokens), mask)
-            optimizer_step(loss, self.opt, self.scaler, self.params, self.a.amp)
+            self.step(*batch)
         return t.wall, t.cpu
 
     @torch.no_grad()
@@ -360,7 +427,8 @@ def worker(a):
 
 class Remote:
     def __init__(self, kind, argv):
-        env = dict(os.environ, PYTHONPATH=HERE)
+        path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + path))  # the caller's entries kept
         self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", kind] + argv,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE, env=env)
         self.ask(None)
@@ -389,6 +457,8 @@ def side_by_side(a, argv):
         for name in sides:  # warm-up (allocator, oneDNN / cuDNN primitive caches, compile)
             sides[name].ask("train")
             sides[name].ask("eval")
+            if a.loop_repeats and a.root:  # every shape of the eval loop, once
+                sides[name].ask("loop")
         for r in range(a.repeats):
             loads.append(os.getloadavg()[0])
             order = ("ours", "authors") if r % 2 == 0 else ("authors", "ours")
@@ -442,12 +512,14 @@ def measure(a, device):
         torch.cuda.reset_peak_memory_stats(device)
     train = statistics.median(ours.train_step()[0] for _ in range(a.steps))
     memory = peak_memory_mb(device)
+    syncs = host_syncs(ours.step) if device.type == "cuda" else math.nan
     ours.eval_forward()
     evalf = statistics.median(ours.eval_forward()[0] for _ in range(a.steps))
-    out = dict(train_img_s=a.batch_size / train, peak_mb=memory, eval_img_s=a.batch_size / evalf,
+    out = dict(train_img_s=a.batch_size / train, peak_mb=memory, host_syncs=syncs, eval_img_s=a.batch_size / evalf,
                data_img_s=ours.train_with_data(a.steps) if "data" not in skip else math.nan,
                loop_sent_s=math.nan, loader_samples_s=math.nan)
     if "loop" not in skip:
+        ours.eval_loop()  # a first pass tunes cuDNN for each number of sentences per batch; the second is timed
         r = ours.eval_loop()
         out["loop_sent_s"] = r["n"] / r["seconds"]
     if "loader" not in skip:
@@ -467,7 +539,8 @@ def measure(a, device):
 
 def options(a):
     return ",".join(o for o, on in ((a.amp, a.amp != "off"), ("compile", a.compile), ("cudnn off", not a.cudnn),
-                                    ("channels-last", a.channels_last), ("grad-ckpt", a.grad_checkpointing))
+                                    ("channels-last", a.channels_last), ("grad-ckpt", a.grad_checkpointing),
+                                    ("SyncBN forced", a.syncbn))
                     if on) or "fp32 eager"
 
 
@@ -544,14 +617,18 @@ def memory_estimate(backbones=("ViT-B/16", "RN50", "RN101"), input_size=416, amp
 
 # ----------------------------------------------------------------------------- the GPU check
 
-def check_configs(device):
-    """(batch, amp, cuDNN, compile) of the training-step figures: the authors' per-GPU batch 8 and batch 32, fp16
-    and bf16, cuDNN off (as the authors' train.py runs) and on, and torch.compile last (the slowest to start)."""
+def check_configs(a, device):
+    """(backbone, batch, amp, cuDNN, compile, SyncBN forced) of the training-step figures: the ViT at the authors'
+    per-GPU batch 8 and at 32, fp16 and bf16, cuDNN off (as the authors' train.py runs) and on; RN101, the
+    backbone with the most BatchNorms, without and with SyncBN's synchronising path (what torchrun's SyncBN costs
+    a step); torch.compile last (the slowest to start)."""
     if device.type != "cuda":  # the plumbing, tested on the CPU
-        return [(2, "off", True, False), (2, "bf16", True, False)]
-    return [(8, "fp16", True, False), (8, "fp16", False, False), (8, "bf16", True, False),
-            (32, "fp16", True, False), (32, "bf16", True, False), (32, "fp16", False, False),
-            (32, "bf16", True, True)]
+        return [(a.backbone, 2, "off", True, False, False), (a.backbone, 2, "bf16", True, False, False)]
+    vit = a.backbone
+    return [(vit, 8, "fp16", True, False, False), ("RN101", 8, "fp16", True, False, False),
+            ("RN101", 8, "fp16", True, False, True), (vit, 8, "fp16", False, False, False),
+            (vit, 32, "fp16", True, False, False), (vit, 32, "bf16", True, False, False),
+            (vit, 32, "bf16", True, True, False)]
 
 
 def run_logged(cmd, report, timeout, **kwargs):
@@ -566,7 +643,7 @@ def run_logged(cmd, report, timeout, **kwargs):
     return done
 
 
-def killed_and_resumed_run(a, folder, report, timeout):
+def killed_and_resumed_run(a, folder, report, timeout, env=None):
     """`torchrun --nproc_per_node 1 train.py --data synthetic` on random CLIP weights of the real shapes, killed
     by SIGKILL once it has saved, then resumed with --resume auto to the end."""
     from clip_loader import random_clip_state_dict
@@ -581,14 +658,14 @@ def killed_and_resumed_run(a, folder, report, timeout):
     report(f"- `{' '.join(cmd[3:])}` (via torchrun), killed after its first save, then resumed:")
     last = os.path.join(out, "last.pth")
     first = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+                             start_new_session=True, env=env)
     deadline = time.time() + timeout / 2
     while not os.path.exists(last) and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     killed_at = torch.load(last, weights_only=True)["progress"]["global_step"] if os.path.exists(last) else None
-    done = run_logged(cmd, report, max(30.0, deadline + timeout / 2 - time.time()))
+    done = run_logged(cmd, report, max(30.0, deadline + timeout / 2 - time.time()), env=env)
     if done is not None:
         steps = [json.loads(line)["global_step"] for line in open(os.path.join(out, "metrics.jsonl"))]
         ok = done.returncode == 0 and "resumed from" in done.stdout and killed_at is not None and \
@@ -612,33 +689,40 @@ def gpu_check(a, argv):
 
     def left():
         return a.budget - (time.time() - start)
+    # a check run on the CPU hides any GPU from its subprocesses, so that the CUDA tests skip there too
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="") if device.type == "cpu" else None
     report(f"\n## GPU check, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n`python benchmark.py {' '.join(argv)}` on "
            f"{machine(device)}, torch {torch.__version__}\n\n1. CUDA tests (`pytest tests/test_cuda.py`):")
     run_logged([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"], report,
-               min(150.0, left()))
+               min(150.0, left()), env=env)
     report("\n2. Kill and resume under torchrun:")
     with tempfile.TemporaryDirectory() as folder:
-        killed_and_resumed_run(a, folder, report, min(120.0, left()))
-    report(f"\n3. Training step, {a.backbone} at {a.input_size} px (median of {a.steps} steps after {a.warmup}):\n\n"
-           "| batch | amp | cuDNN | compile | img/s | peak MB | eval fwd img/s | eval loop sent/s |\n"
-           "|---|---|---|---|---|---|---|---|")
-    for i, (batch, amp, cudnn, compiled) in enumerate(check_configs(device)):
+        killed_and_resumed_run(a, folder, report, min(120.0, left()), env)
+    report(f"\n3. Training step at {a.input_size} px (median of {a.steps} steps after {a.warmup}; host syncs: "
+           f"counted in one step by CUDA's sync debug mode):\n\n"
+           "| backbone | batch | amp | cuDNN | compile | SyncBN | img/s | peak MB | host syncs/step | eval fwd img/s | "
+           "eval loop sent/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for i, (backbone, batch, amp, cudnn, compiled, syncbn) in enumerate(check_configs(a, device)):
+        first = [backbone, str(batch), amp, "on" if cudnn else "off", str(compiled), "forced" if syncbn else "-"]
         if left() < (150 if compiled else 40):
-            report(f"| {batch} | {amp} | {'on' if cudnn else 'off'} | {compiled} | skipped: out of time | | | |")
+            report("| " + " | ".join(first + ["skipped: out of time"] + [""] * 4) + " |")
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--backbone", a.backbone, "--input-size", str(a.input_size),
+        cmd = [sys.executable, os.path.abspath(__file__), "--backbone", backbone, "--input-size", str(a.input_size),
                "--batch-size", str(batch), "--amp", amp, "--device", a.device, "--steps", str(a.steps),
                "--warmup", str(a.warmup), "--skip", "data,loader" + ("" if i == 0 else ",loop"), "--json",
                "--data", a.data, "--split", a.split] + (["--root", a.root] if a.root else []) + \
-              (["--no-cudnn"] if not cudnn else []) + (["--compile"] if compiled else [])
+              (["--no-cudnn"] if not cudnn else []) + (["--compile"] if compiled else []) + \
+              (["--syncbn"] if syncbn else [])
         try:
-            done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=max(1.0, left()))
+            done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=max(1.0, left()), env=env)
             r = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
         except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
             r, done = None, None
-        cells = [f"{r['train_img_s']:.1f}", f"{r['peak_mb']:.0f}", f"{r['eval_img_s']:.1f}", f"{r['loop_sent_s']:.1f}"] \
-            if r else ["failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:120] if done else "timed out"]
-        report("| " + " | ".join([str(batch), amp, "on" if cudnn else "off", str(compiled)] + cells) + " |")
+        cells = [f"{r['train_img_s']:.1f}", f"{r['peak_mb']:.0f}",
+                 "-" if math.isnan(r["host_syncs"]) else f"{r['host_syncs']:.0f}", f"{r['eval_img_s']:.1f}",
+                 f"{r['loop_sent_s']:.1f}"] if r else \
+            ["failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:120] if done else "timed out"]
+        report("| " + " | ".join(first + cells) + " |")
     if a.authors_repo and left() > 90:
         report("\n4. The authors' training step, side by side (fp16, batch 8, their cuDNN setting off for both):")
         run_logged([sys.executable, os.path.abspath(__file__), "--backbone", a.backbone, "--input-size",
@@ -677,6 +761,8 @@ def parse_args(argv):
     p.add_argument("--no-cudnn", dest="cudnn", action="store_false", help="cuDNN off, as the authors' train.py")
     p.add_argument("--channels-last", action="store_true", help="channels-last convolutions (CUDA)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen CLIP in backward")
+    p.add_argument("--syncbn", action="store_true",
+                   help="every BN a SyncBatchNorm on its synchronising path, as under torchrun (CUDA only)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: data,loop,loader")
     p.add_argument("--profile", type=int, default=0, help="print the top N ops of one train step and one eval forward")
     p.add_argument("--authors-repo", default=None, help="the authors' ETRIS checkout: side-by-side comparison")

@@ -15,6 +15,7 @@ from dataclasses import asdict
 import torch
 
 from errors import UserError
+from model import ETRISConfig, build_model, model_from_config
 
 
 def read_checkpoint(path, mmap=False):
@@ -116,7 +117,6 @@ def load_checkpoint(net, path_or_dict):
 
 def saved_config(ckpt, path):
     """The ETRISConfig fields of our checkpoint, as a dict."""
-    from model import ETRISConfig  # model.py re-exports load_checkpoint, so it imports this module first
     try:
         return asdict(ETRISConfig(**ckpt["config"]))
     except TypeError:
@@ -127,7 +127,6 @@ def saved_config(ckpt, path):
 def load_model(checkpoint, backbone=None, clip_weights=None, input_size=416, word_len=17, device="cpu"):
     """ETRIS rebuilt from a checkpoint, in eval mode. Ours carry their config; the authors' carry none, so
     `backbone` (and `clip_weights`, unless OpenAI's file is found by name) must be given."""
-    from model import build_model, model_from_config
     kind = checkpoint_kind(checkpoint)
     if kind == "clip":
         raise UserError(f"{checkpoint!r} is a CLIP weights file, not an ETRIS checkpoint: pass it as --clip-weights "

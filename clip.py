@@ -84,15 +84,19 @@ def _buffers_kept(module):
 
 
 def run_blocks(blocks, x, grad_checkpointing, *args):
-    """x through blocks (each called as block(x, *args)). With grad_checkpointing, each block's activations are recomputed in backward instead of
-    kept (less memory, same numbers); a train-mode BatchNorm must then not update its running statistics a
-    second time during the recomputation, so its buffers are put back afterwards."""
+    """x through blocks (each called as block(x, *args)). With grad_checkpointing, each block's activations are
+    recomputed in backward instead of kept (less memory, same numbers). In eager mode a train-mode BatchNorm must
+    then not update its running statistics a second time during the recomputation, so its buffers are put back
+    afterwards. Under torch.compile nothing needs putting back (AOTAutograd applies buffer updates once, after
+    the forward graph, and recomputes only pure ops), and dynamo cannot trace such a context_fn."""
     for block in blocks:
-        if grad_checkpointing and torch.is_grad_enabled():
+        if not (grad_checkpointing and torch.is_grad_enabled()):
+            x = block(x, *args)
+        elif torch.compiler.is_compiling():
+            x = checkpoint(block, x, *args, use_reentrant=False)
+        else:
             keep = functools.partial(_buffers_kept, block)
             x = checkpoint(block, x, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), keep()))
-        else:
-            x = block(x, *args)
     return x
 
 

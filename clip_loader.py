@@ -38,6 +38,11 @@ _TEXT = dict(context_length=77, vocab_size=49408, transformer_width=512, transfo
 BACKBONES = tuple(ARCHITECTURES)
 
 
+def check_backbone(name):
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone {name!r}: valid backbones are {', '.join(BACKBONES)}")
+
+
 def random_clip_state_dict(architecture, seed=0, **changes):
     """A CLIP state dict with OpenAI's key names and the shapes of `architecture` (a key of ARCHITECTURES, with
     `changes` to its constructor arguments), randomly initialised as OpenAI initialises CLIP."""

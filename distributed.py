@@ -11,6 +11,7 @@ import os
 import random
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -75,7 +76,10 @@ def setup(device_name=None):
 
 def seed_and_configure(seed, deterministic, device):
     """The same seed on every process, as the authors (DDP also broadcasts rank 0's weights when it wraps), and
-    the CUDA kernels: autotuned (batches have one shape, so it pays off), or deterministic ones."""
+    the CUDA kernels: autotuned (batches have one shape, so it pays off), or deterministic ones. torch's flash,
+    memory-efficient and cuDNN attention kernels have a non-deterministic backward unless deterministic
+    algorithms are strictly enforced, which the upsampling backward (no deterministic CUDA kernel) rules out; so
+    the deterministic mode computes attention with the math kernel (matrix products and a softmax)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -85,6 +89,9 @@ def seed_and_configure(seed, deterministic, device):
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, i.e. later
             torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def teardown():
@@ -102,12 +109,12 @@ def broadcast(obj):
     return box[0]
 
 
-def gather(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every process."""
+def gather(obj, group=None):
+    """[obj of rank 0, obj of rank 1, ...] on every process (of `group`, default all)."""
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -119,8 +126,11 @@ def all_reduce_sum(tensor):
 
 def on_each_node_first(fn):
     """fn() on the first process of each node (a download into a node's cache, say), then on the others, which
-    find its result in place. A failure is raised on every process, so that none waits for the others forever."""
+    find its result in place. The others wait in a gloo group of its own with a week's timeout, not in the
+    default group (NCCL's times out after 10 minutes): no download is too slow. A failure is raised on every
+    process, so that none waits for the others forever."""
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    group = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if dist.is_initialized() else None
     result, error = None, None
     for turn in (True, False):
         if first == turn:
@@ -128,7 +138,7 @@ def on_each_node_first(fn):
                 result = fn()
             except UserError as e:
                 error = str(e)
-        errors = [e for e in gather(error) if e is not None]
+        errors = [e for e in gather(error, group) if e is not None]
         if errors:
             raise UserError(errors[0])
     return result

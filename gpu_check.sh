@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (BENCHMARKS.md): everything this project needs a GPU to measure, in one run that fits a short
-# lease (under 7 minutes on one H200), its figures appended to $OUT/gpu_check.md part by part.
+# The GPU check (BENCHMARKS.md): everything this project needs a GPU to measure, in one run of under 7 minutes on
+# one H200 (benchmark.py starts no part past --budget 380 s; the rest takes seconds), its figures appended to
+# $OUT/gpu_check.md part by part.
 #   bash gpu_check.sh                      # from the repository root, on the GPU machine
 # The machine lacks ftfy: carry its wheels in .whl/ (BENCHMARKS.md says how). AUTHORS=path/to/ETRIS adds the
 # authors' training step side by side (their checkout, carried, never committed).

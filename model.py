@@ -6,7 +6,7 @@ turn the three visual maps, the words and the sentence into mask logits at strid
 side and CLIP's positional embeddings are trained. Module and parameter names are the authors', so their released
 checkpoints load strictly.
 
-    from model import build_model, load_checkpoint
+    from model import build_model
     net = build_model("ViT-B/16", input_size=416, word_len=17)   # OpenAI's ViT-B/16 weights, from the cache
     logits = net(images, tokens)                                 # [B, 3, 416, 416], [B, 17] -> [B, 1, 104, 104]
 """
@@ -16,9 +16,8 @@ from typing import Optional
 import torch.nn as nn
 
 from bridger import Bridger
-from checkpoint import load_checkpoint  # noqa: F401  (part of this module's API, as the README shows)
 from clip import build_clip
-from clip_loader import BACKBONES, backbone_state_dict
+from clip_loader import backbone_state_dict, check_backbone
 from decoder import GA, HA, Projector
 from errors import UserError
 
@@ -153,8 +152,7 @@ def build_model(backbone="ViT-B/16", clip_weights=None, input_size=416, word_len
     """ETRIS on a CLIP backbone. backbone: one of clip_loader.BACKBONES ('tiny-*' are small random CLIPs for tests).
     clip_weights: None (OpenAI's file for the name, from the cache), a path, or a state dict. options: the other
     ETRISConfig fields (bridger_dim, bridger_stages, zoom, ...), except CLIP_DECIDED."""
-    if backbone not in BACKBONES:
-        raise UserError(f"unknown backbone {backbone!r}: valid backbones are {', '.join(BACKBONES)}")
+    check_backbone(backbone)
     if set(options) & set(CLIP_DECIDED):
         raise UserError(f"{sorted(set(options) & set(CLIP_DECIDED))} are read from the CLIP weights, not set")
     sd = clip_weights if isinstance(clip_weights, dict) else backbone_state_dict(backbone, clip_weights)

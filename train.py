@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import checkpoint_kind, load_checkpoint
-from clip_loader import fetch_openai_weights
+from clip_loader import check_backbone, fetch_openai_weights
 from dataset import DATASETS, WORD_LEN, build_dataset, build_loader
 from errors import UserError, run_cli
 from evaluate import evaluate, format_table, train_metric
@@ -197,6 +197,7 @@ def build_data(args, proc):
 
 def build_net(args, proc):
     """ETRIS with the frozen CLIP (downloaded by one process per node), optionally starting from --weights."""
+    check_backbone(args.backbone)  # before any download
     if args.clip_weights is not None and checkpoint_kind(args.clip_weights) in ("etris", "etris-authors"):
         raise UserError(f"--clip-weights {args.clip_weights!r} is an ETRIS checkpoint, not CLIP weights: pass it "
                         f"as --weights to start from it, or --resume to continue its run")

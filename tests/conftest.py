@@ -1,5 +1,5 @@
 """Shared test setup: import the flat modules from the repository root, keep torch to the CI's two cores, run the
-CUDA tests last, and make sure that no other test touches CUDA where a GPU is present."""
+CUDA tests last, and make sure that no other test touches CUDA, also where a GPU is present."""
 import os
 import sys
 
@@ -15,10 +15,33 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+HAS_CUDA = torch.cuda.is_available()  # read before the fake below
 
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: "cuda" in item.keywords)  # stable: the CPU tests keep their order, first
+
+
+class CudaTouched(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cuda_faked_where_there_is_none():
+    """On a machine without a GPU, torch says there is one, and using it raises CudaTouched: a CPU test that lets
+    torch.cuda.is_available() pick its device fails here as it would on a GPU machine, where it would move the
+    test's tensors to the GPU."""
+    if HAS_CUDA:
+        yield
+        return
+
+    def touched(*args, **kwargs):
+        raise CudaTouched("a CPU test touched CUDA: give it a CPU device (--device cpu, device='cpu')")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "device_count", lambda: 1)
+        patch.setattr(torch.cuda, "_lazy_init", touched)
+        yield
 
 
 @pytest.fixture(autouse=True)

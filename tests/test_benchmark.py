@@ -1,6 +1,6 @@
-"""benchmark.py's plumbing on the CPU, so that it works the day a GPU is lent: the GPU check end to end on a tiny
-backbone (its CUDA tests skip, its torchrun run is killed and resumed, its table is filled), the activation-memory
-count, and the table writing."""
+"""benchmark.py's plumbing on the CPU, so that it works on a GPU machine: the GPU check end to end on a tiny
+backbone (its CUDA tests skip, its torchrun run is killed and resumed, its table is filled), its worker processes'
+environment, the activation-memory and BatchNorm counts, and the table writing."""
 import os
 import re
 
@@ -16,16 +16,36 @@ def test_gpu_check_plumbing_on_the_cpu(tmp_path):
     text = out.read_text()
     parts = [text.index(f"\n{i}. ") for i in (1, 2, 3, 4)]
     assert parts == sorted(parts)  # in order: CUDA tests, torchrun run, step table, authors
-    assert "skipped" in text[parts[0]:parts[1]] and "CUDA" in text[parts[0]:parts[1]]  # no CUDA here: skipped
+    # a check on the CPU hides the GPUs from the CUDA tests, also on a machine that has one
+    assert re.search(r"\d+ skipped", text[parts[0]:parts[1]]) and "no CUDA device here" in text[parts[0]:parts[1]]
+    assert " passed" not in text[parts[0]:parts[1]] and " failed" not in text[parts[0]:parts[1]]
     assert re.search(r"  ok: killed at step \d+ of 16, resumed, exit 0, steps at the end of each epoch \[8, 16\]",
                      text[parts[1]:parts[2]])
-    rows = [line for line in text[parts[2]:parts[3]].splitlines() if line.startswith("| 2 |")]
-    assert len(rows) == 2 and all("failed" not in r and "skipped" not in r for r in rows), rows
-    img_s = [float(r.split("|")[5]) for r in rows]
-    assert all(v > 0 for v in img_s)
-    loop = rows[0].split("|")[8].strip()
-    assert float(loop) > 0  # the eval loop is measured with the first configuration
+    rows = [line.split("|")[1:-1] for line in text[parts[2]:parts[3]].splitlines() if line.startswith("| tiny-ViT |")]
+    assert [r[:6] for r in rows] == [[" tiny-ViT ", " 2 ", " off ", " on ", " False ", " - "],
+                                     [" tiny-ViT ", " 2 ", " bf16 ", " on ", " False ", " - "]], rows
+    assert all(float(r[6]) > 0 and float(r[7]) > 0 and r[8].strip() == "-" and float(r[9]) > 0 for r in rows), rows
+    assert float(rows[0][10]) > 0  # the eval loop is measured with the first configuration
     assert "no --authors-repo" in text[parts[3]:]
+
+
+def test_the_side_by_side_worker_keeps_the_callers_pythonpath(tmp_path, monkeypatch):
+    """gpu_check.sh puts the wheels it carries on PYTHONPATH; the worker processes must still find them."""
+    (tmp_path / "sitecustomize.py").write_text("import os\nopen(os.environ['ETRIS_TEST_MARK'], 'w').write('seen')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("ETRIS_TEST_MARK", str(tmp_path / "mark"))
+    worker = benchmark.Remote("ours", ["--backbone", "tiny-ViT", "--input-size", "64", "--device", "cpu"])
+    worker.close()
+    assert (tmp_path / "mark").read_text() == "seen"
+
+
+def test_batchnorm_forwards_count_what_syncbn_would_synchronise():
+    """tiny-RN: 20 BNs in the backbone (stem 3, four blocks of 3, four downsample branches, attnpool.connect) and 8
+    on the decoder side (HA 6, Projector 2), all in train mode. --grad-checkpointing recomputes layer3 and layer4
+    in backward (4 BNs each), not layer2, whose input needs no gradient: backward never enters it."""
+    assert benchmark.batchnorm_forwards("tiny-RN", False) == 28
+    assert benchmark.batchnorm_forwards("tiny-RN", True) == 36
+    assert benchmark.batchnorm_forwards("tiny-ViT", False) == 14  # the Bridger's 6 zoom BNs, the decoder side's 8
 
 
 def test_activation_memory_grows_linearly_with_the_batch_and_halves_in_half_precision():

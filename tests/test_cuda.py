@@ -1,8 +1,10 @@
-"""The CUDA path, which only a GPU can run: AMP numerics against fp32, GradScaler's skipped steps, SyncBN under a
-NCCL process group, the evaluation protocol on the GPU against the CPU, and kill-and-resume with --deterministic.
-benchmark.py --gpu-check runs these; without CUDA they are skipped, with the reason."""
+"""The CUDA path, which only a GPU can run: AMP numerics against fp32, GradScaler's skipped steps, SyncBN over two
+processes against plain BN over their joint batch, a NCCL process group, deterministic attention, the evaluation
+protocol on the GPU against the CPU, and kill-and-resume with --deterministic. The GPU check (tools/gpu_check.sh)
+runs these; without CUDA they are skipped, with the reason."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,16 +12,20 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
+import distributed
 import train
 from clip_loader import random_clip_state_dict
 from dataset import build_dataset, build_loader
 from evaluate import evaluate
+from layers import multihead_attention
 from loss import segmentation_loss
 from model import build_model
 from parity import fill_
 
+# read at collection, before conftest fakes CUDA where there is none
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.device("cuda")
@@ -44,9 +50,10 @@ def inputs(batch, size, word_len=17, seed=0):
     return images.to(CUDA), tokens.to(CUDA), mask.to(CUDA)
 
 
-def filled(backbone, size):
+def filled(backbone, size, dropout=0.1):
     torch.manual_seed(0)
-    net = build_model(backbone, random_clip_state_dict(backbone), size, 17)
+    net = build_model(backbone, random_clip_state_dict(backbone), size, 17, ga_dropout=dropout,
+                      bridger_dropout=dropout)
     fill_(net)  # activations of order 1 through the whole network, as trained weights give
     return net.to(CUDA).train()
 
@@ -57,7 +64,6 @@ def grads_of(net, amp, batch):
     opt = torch.optim.SGD(params, lr=0.0)  # a step that changes nothing: only the gradients are compared
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 16 if amp == "fp16" else 1.0)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
-    torch.manual_seed(1)  # the same dropout masks
     with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
         loss = segmentation_loss(net(*batch[:2]), batch[2])
     skipped = train.optimizer_step(loss, opt, scaler, params, amp)
@@ -70,9 +76,10 @@ def test_amp_step_stays_close_to_the_fp32_step(amp, loss_tol, grad_tol):
     """Half precision rounds each op to 11 (fp16) or 8 (bf16) significant bits: unit roundoffs 4.9e-4 and 3.9e-3.
     Through ~40 layers of ViT-B/16 and its decoder the loss stays within ~10x that, the gradients (a sum over
     every pixel's path) within ~100x. A bug of the AMP path (a scale not undone, the mask rounded, an op in the
-    wrong precision) is off by factors, not by these."""
+    wrong precision) is off by factors, not by these. Dropout is off: SDPA picks other kernels for fp32 and half
+    precision, which draw other dropout masks from the same seed."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
-    net = filled("ViT-B/16", 224)
+    net = filled("ViT-B/16", 224, dropout=0.0)
     batch = inputs(2, 224)
     loss32, g32 = grads_of(net, "off", batch)
     loss_amp, g_amp = grads_of(net, amp, batch)
@@ -102,8 +109,11 @@ def test_fp16_skips_an_overflowing_or_nan_step(poison):
     assert scaler.get_scale() == 2.0 ** 15  # halved
 
 
-def test_syncbn_under_a_one_process_nccl_group_keeps_the_state_dict_keys(tmp_path):
-    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1, device_id=CUDA)
+def test_a_one_process_nccl_group_runs_a_syncbn_ddp_fp16_step_with_the_same_state_dict_keys(tmp_path):
+    """train.py's process group (NCCL, told its device) with the SyncBN conversion, DDP, fp16 and fused Adam. In one
+    process SyncBN does not synchronise: test_syncbn_over_two_processes_is_batchnorm_over_their_joint_batch does."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
     try:
         net = filled("tiny-RN", 64)
         keys = {k: v.shape for k, v in net.state_dict().items()}
@@ -121,6 +131,80 @@ def test_syncbn_under_a_one_process_nccl_group_keeps_the_state_dict_keys(tmp_pat
         assert all(torch.isfinite(p).all() for p in params)
     finally:
         dist.destroy_process_group()
+
+
+def _syncbn_rank(rank, port, folder):
+    """One of two processes on the one GPU (gloo carries CUDA tensors; NCCL refuses two ranks on one device): half
+    the batch each, SyncBN and DDP as train.py sets them up; its loss, gradients and buffers go to folder."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(filled("tiny-RN", 64, dropout=0.0))
+    model = nn.parallel.DistributedDataParallel(net, device_ids=[0])
+    images, tokens, mask = (t[2 * rank:2 * rank + 2] for t in inputs(4, 64))
+    loss = segmentation_loss(model(images, tokens), mask)
+    loss.backward()
+    torch.save({"loss": loss.item(), "grads": {n: p.grad.cpu() for n, p in net.named_parameters() if p.grad is not None},
+                "buffers": {n: b.cpu() for n, b in net.named_buffers()}}, os.path.join(folder, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_syncbn_over_two_processes_is_batchnorm_over_their_joint_batch(tmp_path):
+    """What SyncBN is for: two processes with two samples each normalise with the statistics of all four, so their
+    loss, DDP-averaged gradients and running statistics equal one process's plain BN over the four samples (the
+    frozen ResNet's BNs are in train mode, as the authors'), up to float32 summation order."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_syncbn_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    net = filled("tiny-RN", 64, dropout=0.0)
+    images, tokens, mask = inputs(4, 64)
+    loss = segmentation_loss(net(images, tokens), mask)
+    loss.backward()
+    assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - loss.item()) <= 1e-5 * abs(loss.item())
+    grads = {n: p.grad.cpu() for n, p in net.named_parameters() if p.grad is not None}
+    assert grads.keys() == ranks[0]["grads"].keys() == ranks[1]["grads"].keys()
+    for r in ranks:
+        got, want = (torch.cat([g[n].flatten() for n in grads]) for g in (r["grads"], grads))
+        assert (got - want).norm() <= 1e-4 * want.norm()
+    for n, b in net.named_buffers():
+        for r in ranks:
+            if b.is_floating_point():
+                torch.testing.assert_close(r["buffers"][n], b.cpu(), rtol=1e-4, atol=1e-5)
+            else:
+                assert torch.equal(r["buffers"][n], b.cpu()), n
+
+
+@pytest.fixture
+def global_settings_restored():
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled())
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2:4]
+    torch.backends.cuda.enable_flash_sdp(saved[4])
+    torch.backends.cuda.enable_mem_efficient_sdp(saved[5])
+    torch.backends.cuda.enable_cudnn_sdp(saved[6])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_backward_is_deterministic_under_deterministic(dtype, global_settings_restored):
+    """--deterministic routes attention to SDPA's math kernel, whose backward sums in a fixed order: the same
+    gradients, bit for bit, on every run (the fused kernels' backward adds atomically, in any order)."""
+    distributed.seed_and_configure(0, True, CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q, k, v = (torch.randn(4, 677, 768, device=CUDA, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(4, 677, 768, device=CUDA, generator=g, dtype=dtype)
+    grads = []
+    for _ in range(3):
+        q.grad = k.grad = v.grad = None
+        multihead_attention(q, k, v, 12).backward(upstream)
+        grads.append(torch.cat([q.grad, k.grad, v.grad]))
+    assert all(torch.equal(grads[0], x) for x in grads[1:])
 
 
 def test_evaluation_on_cuda_gives_the_cpus_ious():

@@ -1,8 +1,10 @@
-"""distributed.py and the command lines' errors, with real processes: devices named by string, SLURM without
-torchrun refused, one download per node while the other processes wait, an output folder that the nodes do not
+"""distributed.py and the command lines' errors, with real processes: devices named by string, the deterministic
+mode's attention kernel, SLURM without torchrun refused, one download per node while the other processes wait (as
+long as it takes), an output folder that the nodes do not
 share refused with the ranks named, a NaN on one rank skipping the step on both, and user errors printed as one
 line, once, also under torchrun. Two gloo processes on this machine play two nodes (each its own working
 directory and CLIP cache) or one."""
+import datetime
 import hashlib
 import io
 import json
@@ -10,9 +12,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import clip_loader
@@ -32,15 +36,48 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_devices_by_name():
+def test_devices_by_name(monkeypatch):
+    """Only names are checked: no CUDA call is made, so the machine's own GPUs do not matter."""
     assert distributed.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match="'gpu' is not a device: use cpu, cuda or cuda:N"):
         distributed.pick_device("gpu")
     with pytest.raises(UserError, match="only cpu and cuda"):
         distributed.pick_device("meta")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="'cuda:1': this machine has no CUDA device"):
-            distributed.pick_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.pick_device(None) == torch.device("cpu")
+    with pytest.raises(UserError, match="'cuda:1': this machine has no CUDA device"):
+        distributed.pick_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.pick_device(None) == torch.device("cuda", 0)
+    assert distributed.pick_device("cuda", local_rank=1, world=2) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="cuda:2 does not exist: this machine has 2 CUDA device"):
+        distributed.pick_device("cuda:2")
+    with pytest.raises(UserError, match="under torchrun each process uses its own GPU, cuda:LOCAL_RANK"):
+        distributed.pick_device("cuda:0", local_rank=0, world=2)
+
+
+def test_deterministic_mode_computes_attention_with_the_math_kernel():
+    """torch's fused attention kernels have a non-deterministic backward under warn_only; only the math kernel is
+    left on (the flags are global settings: nothing runs on a GPU here)."""
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        distributed.seed_and_configure(0, True, torch.device("cuda", 0))
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled() or
+                    torch.backends.cuda.cudnn_sdp_enabled())
+        assert torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags[2:4]
+        torch.backends.cuda.enable_flash_sdp(flags[4])
+        torch.backends.cuda.enable_mem_efficient_sdp(flags[5])
+        torch.backends.cuda.enable_cudnn_sdp(flags[6])
+        if flags[7] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def test_slurm_tasks_without_torchrun_are_refused(monkeypatch):
@@ -100,6 +137,27 @@ def test_one_node_downloads_once_and_a_nan_on_one_rank_skips_the_step_on_both(tm
     assert record["global_step"] == 2 and record["nonfinite_skipped"] == 1
     ck = torch.load(os.path.join(out, "last.pth"), map_location="cpu", weights_only=True)
     assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {1.0}  # 2 steps, 1 update
+
+
+def _slow_first(rank, port, folder):
+    """Rank `rank` of 2 on one node, in a process group that times out after 2 s; local rank 0's stand-in download
+    takes 5 s."""
+    os.environ.update(LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
+
+    def download():
+        if rank == 0:
+            time.sleep(5)
+        return f"weights seen by rank {rank}"
+    result = distributed.on_each_node_first(download)
+    with open(os.path.join(folder, f"rank{rank}"), "w") as f:
+        f.write(result)
+    distributed.teardown()
+
+
+def test_a_download_longer_than_the_process_groups_timeout_is_waited_for(tmp_path):
+    mp.spawn(_slow_first, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [open(tmp_path / f"rank{r}").read() for r in (0, 1)] == ["weights seen by rank 0", "weights seen by rank 1"]
 
 
 def test_an_output_folder_the_nodes_do_not_share_is_refused(tmp_path):

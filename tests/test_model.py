@@ -8,13 +8,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bridger import Bridger, PixelwiseZoom
-from checkpoint import trainable_state_dict
-from clip_loader import random_clip_state_dict
+from checkpoint import load_checkpoint, trainable_state_dict
+from clip_loader import BACKBONES, random_clip_state_dict
 from decoder import Projector
 from errors import UserError
 from layers import GatedCrossAttention, TransformerInteractor
 from loss import segmentation_loss
-from model import BACKBONES, build_model, format_parameter_counts, load_checkpoint, parameter_counts
+from model import build_model, format_parameter_counts, parameter_counts
 from parity import fill_
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

@@ -58,27 +58,27 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
     net, ck = tiny
     image = np.zeros((20, 30, 3), np.uint8)
     with pytest.raises(UserError, match="not found"):
-        predict(net, str(tmp_path / "missing.jpg"), "a cat")
+        predict(net, str(tmp_path / "missing.jpg"), "a cat", device="cpu")
     junk = tmp_path / "junk.jpg"
     junk.write_text("not an image")
     with pytest.raises(UserError, match="could not be decoded"):
-        predict(net, str(junk), "a cat")
+        predict(net, str(junk), "a cat", device="cpu")
     with pytest.raises(ValueError, match="uint8"):
-        predict(net, image.astype(np.float32), "a cat")
+        predict(net, image.astype(np.float32), "a cat", device="cpu")
     for ext, kind in ((".jpg", "JPEG"), (".png", "PNG")):  # OpenCV alone decodes a truncated JPEG, grey rows
         data = cv2.imencode(ext, np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))[1].tobytes()
         cut = tmp_path / f"cut{ext}"
         cut.write_bytes(data[:len(data) // 2])
         with pytest.raises(UserError, match=f"image .*cut{ext} is a truncated {kind}"):
-            predict(net, str(cut), "a cat")
+            predict(net, str(cut), "a cat", device="cpu")
         cut.write_bytes(data + b"\0" * 64)  # padding after the end marker is fine
-        assert predict(net, str(cut), "a cat").shape == (40, 60)
+        assert predict(net, str(cut), "a cat", device="cpu").shape == (40, 60)
     for text in ("", "   "):
         with pytest.raises(UserError, match="text is empty"):
-            predict(net, image, text)
+            predict(net, image, text, device="cpu")
     with pytest.raises(UserError, match="trained with backbone 'tiny-ViT'"):
-        predict(ck, image, "a cat", backbone="tiny-RN")
+        predict(ck, image, "a cat", device="cpu", backbone="tiny-RN")
     authors = str(tmp_path / "authors.pth")
     torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, authors)
     with pytest.raises(UserError, match="does not fit backbone 'tiny-RN'"):
-        predict(authors, image, "a cat", backbone="tiny-RN")
+        predict(authors, image, "a cat", device="cpu", backbone="tiny-RN")

@@ -275,6 +275,35 @@ def test_compile_wraps_the_training_forward_only(tmp_path, monkeypatch):
     assert calls == {"compiled": 1, "train": 6} and isinstance(net, nn.Module)
 
 
+def test_compile_with_grad_checkpointing_trains_what_compile_alone_trains(tmp_path, monkeypatch):
+    """The real torch.compile (dynamo and AOTAutograd; the aot_eager backend, since Inductor takes minutes to build
+    on 2 cores) with --grad-checkpointing gives, bit for bit, the weights and BN statistics of --compile alone, on
+    tiny-RN, whose frozen BNs update in train mode: once per step, not again when backward recomputes them."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="aot_eager"))
+    # dynamo saves the CUDA RNG state wherever torch.cuda.is_available(), which would start CUDA on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runs = []
+    try:
+        for option in ([], ["--grad-checkpointing"]):
+            out = str(tmp_path / f"run{len(runs)}")
+            train.main(QUICK + ["--backbone", "tiny-RN", "--epochs", "1", "--batch-size", "2", "--train-samples", "4",
+                                "--dropout", "0", "--compile", "--output", out] + option)
+            runs.append(final_weights(out))
+    finally:
+        torch._dynamo.reset()
+    plain, recomputed = runs
+    assert plain.keys() == recomputed.keys()
+    assert [k for k in plain if not torch.equal(plain[k], recomputed[k])] == []
+    assert recomputed["backbone.visual.layer4.0.bn1.num_batches_tracked"].item() == 2  # two steps
+
+
+def test_an_unknown_backbone_is_refused_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "fetch_openai_weights", lambda name: pytest.fail(f"downloaded {name}"))
+    with pytest.raises(UserError, match=r"^unknown backbone 'ViT-Q/99': valid backbones are ViT-B/16, RN50, RN101, "):
+        train.main(QUICK + ["--backbone", "ViT-Q/99", "--output", str(tmp_path)])
+
+
 def test_per_sample_seeds_restore_only_what_they_seed():
     class Draws(torch.utils.data.Dataset):
         def __getitem__(self, index):
