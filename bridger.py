@@ -1,10 +1,12 @@
 """
 The Bridger of ETRIS (paper Sec. 3.2, Fig. 2 middle): a small trainable network between the frozen CLIP encoders.
-After each encoder stage it zooms the visual map and the words down to d=64 channels, lets each attend to the
-other (the interactor), and returns residuals that ETRIS adds back into both streams.
+After each encoder stage it zooms the visual map and the words into its own width d=64 (ZL_in; a ResNet's maps
+also to stride 16), lets each attend to the other (the interactor, ITA), zooms the results back out to the
+encoders' widths and resolutions (ZL_out), and returns them as residuals that ETRIS adds back into both streams.
 
-Parameter names are the authors' so their checkpoints load unchanged: zoom_in.i / zoom_out.i (zoom layers),
-linear1.i / linear2.i (the words' down and up projections), fusion_v.i / fusion_t.i (interactors), ln_v.j / ln_t.j.
+Parameter names are the authors' so their checkpoints load unchanged: zoom_in.i / zoom_out.i (the zoom layers
+into and out of width d, not magnifications), linear1.i / linear2.i (the same for the words), fusion_v.i /
+fusion_t.i (interactors), ln_v.j / ln_t.j.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -80,7 +82,7 @@ class Bridger(nn.Module):
             for fusion in (self.fusion_v, self.fusion_t):
                 fusion[str(i)] = GatedCrossAttention(dim, heads) if vit else TransformerInteractor(dim, heads,
                                                                                                    dropout=dropout)
-            if i > self.stages[0]:  # later stages also see the previous stage's fused input
+            if i > self.stages[0]:  # later stages also read the previous stage's zoomed-in pair
                 self.ln_v[str(i - 1)] = nn.LayerNorm(dim)
                 self.ln_t[str(i - 1)] = nn.LayerNorm(dim)
         for m in self.modules():
@@ -90,17 +92,17 @@ class Bridger(nn.Module):
             elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, i, vis, txt, previous=None):
-        """Stage i: vis [B, C, H, W], txt [B, L, Dt] -> residuals of the same shapes, and this stage's fused
-        inputs (v, t) at width d, which the next stage normalises together with its own (`previous`)."""
+    def forward(self, i, vis, txt, prev_zoomed=None):
+        """Stage i: f_v^i [B, C, H, W] and f_t^i [B, L, Dt] -> the residuals added to them (same shapes), and this
+        stage's zoomed-in pair (v, t) at width d, which the next stage adds to its own (`prev_zoomed`)."""
         s = str(i)
-        v = self.zoom_in[s](vis)  # [B, d, h, w]
+        v = self.zoom_in[s](vis)  # ZL_in, into the Bridger's width: hat F_v^i [B, d, h, w]
         h, w = v.shape[-2:]
         v = v.flatten(2).transpose(1, 2)  # [B, hw, d]
-        t = self.linear1[s](txt)  # [B, L, d]
-        if previous is not None:
-            v = self.ln_v[str(i - 1)](v + previous[0])
-            t = self.ln_t[str(i - 1)](t + previous[1])
-        fused = (v, t)
-        v, t = self.fusion_v[s](v, t), self.fusion_t[s](t, v)  # both read the same pre-fusion pair
-        return self.zoom_out[s](flat_to_map(v, h, w)), self.linear2[s](t), fused
+        t = self.linear1[s](txt)  # the words into the Bridger's width: [B, L, d]
+        if prev_zoomed is not None:
+            v = self.ln_v[str(i - 1)](v + prev_zoomed[0])
+            t = self.ln_t[str(i - 1)](t + prev_zoomed[1])
+        zoomed = (v, t)
+        v, t = self.fusion_v[s](v, t), self.fusion_t[s](t, v)  # ITA, each reading the same zoomed-in pair
+        return self.zoom_out[s](flat_to_map(v, h, w)), self.linear2[s](t), zoomed  # ZL_out: back to C and Dt

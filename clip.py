@@ -127,8 +127,11 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x)
 
+    def blocks(self, i):  # stage i's blocks
+        return self.transformer.third(i)
+
     def stage(self, i, x):
-        return run_blocks(self.transformer.third(i), x, self.grad_checkpointing)
+        return run_blocks(self.blocks(i), x, self.grad_checkpointing)
 
     def feature_map(self, x):  # tokens -> a copy of the patch tokens as a map [B, width, g, g]
         return flat_to_map(x[:, 1:], self.grid, self.grid)
@@ -228,8 +231,11 @@ class ModifiedResNet(nn.Module):
             x = F.relu(bn(conv(x)))
         return self.layer1(self.avgpool(x))
 
-    def stage(self, i, x):  # layer2, layer3, layer4: strides 8, 16, 32
-        return run_blocks([(self.layer2, self.layer3, self.layer4)[i]], x, self.grad_checkpointing)
+    def blocks(self, i):  # layer2, layer3, layer4: strides 8, 16, 32
+        return [(self.layer2, self.layer3, self.layer4)[i]]
+
+    def stage(self, i, x):
+        return run_blocks(self.blocks(i), x, self.grad_checkpointing)
 
     def feature_map(self, x):
         return x
@@ -300,9 +306,9 @@ class CLIP(nn.Module):
     def text_output(self, x, tokens):
         """-> word features [B, L, D] (ln_final, not projected) and the sentence vector [B, embed_dim]: the end
         token's feature (the end token has the largest id, so argmax finds it), projected."""
-        words = self.ln_final(x)
+        words = self.ln_final(x)  # f_t
         end = tokens.argmax(dim=-1)
-        sentence = words[torch.arange(words.shape[0], device=words.device), end] @ self.text_projection
+        sentence = words[torch.arange(words.shape[0], device=words.device), end] @ self.text_projection  # f_s
         return words, sentence
 
 

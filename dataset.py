@@ -12,7 +12,7 @@ Two on-disk layouts are read, and detected automatically under `root`:
   REFER release:   <root>/<refcoco|refcoco+|refcocog>/refs(<unc|umd|google>).p + instances.json
                    masks rasterised on the fly from COCO polygons / RLE (coco_mask.py, no pycocotools)
   prepared folder: <root>/anns/<dataset>/<split>.json + <root>/masks/<dataset>/<ref_id>.png
-                   (what the authors' tools/data_process.py writes; `prepare` writes it too)
+                   (what the authors' tools/data_process.py writes; prepare.py writes it too)
   both with COCO images in <root>/images/train2014/ (or <root>/train2014/).
 The authors then pack the prepared folder into LMDB with pyarrow.serialize (gone from pyarrow);
 we read the folder directly, the samples are the same.
@@ -34,9 +34,8 @@ fails when a sample is loaded (a file changed since, or undecodable despite a co
 BadSampleError, or with skip_bad travels to the main process in the batch: see RefDataset.__getitem__
 and collate (batch['bad_samples']). The split's found vs published ref count is printed.
 
-CLI:  python dataset.py prepare --root R --data refcoco --out O [--skip-bad]
+prepare.py writes the prepared folder from the REFER release.
 """
-import argparse
 import json
 import os
 import pickle
@@ -48,7 +47,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from coco_mask import check_segmentation, segmentation_to_mask
-from errors import UserError, run_cli
+from errors import UserError
+from synthetic import synthetic_scene
 from tokenizer import tokenize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -212,7 +212,7 @@ def detect_layout(root, name, split):
         f"({info['folder']}/refs({info['split_by']}).p + {info['folder']}/instances.json: download "
         f"https://bvisionweb1.cs.unc.edu/licheng/referit/data/{info['folder']}.zip and unzip it into {root}) "
         f"or the prepared folder (anns/{name}/{split}.json + masks/{name}/, written by "
-        f"`python dataset.py prepare`), plus COCO train2014 images in {os.path.join(root, 'images', 'train2014')} "
+        f"`python prepare.py`), plus COCO train2014 images in {os.path.join(root, 'images', 'train2014')} "
         "(http://images.cocodataset.org/zips/train2014.zip).")
 
 
@@ -277,7 +277,7 @@ def _read_prepared(root, name, split):
 
 
 _FIX = {'image': "put a complete copy there (download COCO train2014 again)",
-        'mask': "run `python dataset.py prepare` again, it rewrites missing and truncated masks"}
+        'mask': "run `python prepare.py` again, it rewrites missing and truncated masks"}
 
 
 def _who(rec):
@@ -439,6 +439,30 @@ class RefDataset(Dataset):
         raise UserError(f"{self.name} {self.split}: every sample failed to load")
 
 
+class SyntheticRefDataset(Dataset):
+    """The scenes of synthetic.py (procedural shapes that only language disambiguates) as RefDataset's samples."""
+
+    def __init__(self, split, mode, input_size, word_len, seed=0, num_samples=None):
+        self.name, self.split, self.mode = 'synthetic', split, mode
+        self.input_size, self.word_len, self.seed = input_size, word_len, seed
+        self.num_samples = DATASETS['synthetic']['splits'][split] if num_samples is None else num_samples
+        self.bad_samples = []
+
+    def __len__(self):
+        return self.num_samples
+
+    def scene(self, index):
+        return synthetic_scene(self.seed, self.split, index)
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} synthetic samples")
+        sc = self.scene(index)
+        mask = sc['objects'][sc['target']]['mask'] * np.uint8(255)
+        return _make_sample(sc['image'], mask, sc['sentences'], index, index, self.mode,
+                            self.input_size, self.word_len)
+
+
 # ----------------------------------------------------------------------------- public builders
 
 def build_dataset(name, split, root=None, input_size=416, word_len=None, mode=None, skip_bad=False,
@@ -459,7 +483,6 @@ def build_dataset(name, split, root=None, input_size=416, word_len=None, mode=No
         raise UserError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     word_len = word_len or WORD_LEN[name]
     if name == 'synthetic':
-        from synthetic import SyntheticRefDataset  # it builds its samples with this module's transform
         return SyntheticRefDataset(split, mode, input_size, word_len, seed, num_samples)
     if root is None:
         raise UserError(f"{name} needs root=: the folder holding the REFER release or the prepared folder")
@@ -511,108 +534,3 @@ def build_loader(dataset, batch_size, workers=0, sampler=None, shard=(0, 1), pin
                       pin_memory=pin_memory, persistent_workers=workers > 0,
                       worker_init_fn=_worker_init if workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed))  # so the global RNG is left alone
-
-
-# ----------------------------------------------------------------------------- prepare (tools/data_process.py)
-
-def _coco_cat(cat):
-    # the authors' cat_process: COCO's 91 sparse category ids -> 0..79
-    for lo, hi, off in ((1, 11, 1), (13, 25, 2), (27, 28, 3), (31, 44, 5), (46, 65, 6), (67, 67, 7),
-                        (70, 70, 9), (72, 82, 10), (84, 90, 11)):
-        if lo <= cat <= hi:
-            return cat - off
-    return cat
-
-
-def _atomic_write(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'wb') as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def prepare(root, dataset, out_dir, skip_bad=False):
-    """Write the authors' prepared folder (anns/<dataset>/<split>.json, masks/<dataset>/<ref_id>.png)
-    from the REFER release under root. Resumable: complete masks already written are kept (a truncated
-    one is rewritten). Images are not copied: <out_dir>/images/train2014 becomes a link to root's images
-    when it does not exist, and each is checked as training checks it.
-
-    Prints each split's found vs published ref count. A bad ref (see RefDataset) raises its error; with
-    skip_bad it gets no json entry and no mask, and the skipped refs are printed at the end. Returns
-    them: bad_samples entries plus 'split'."""
-    from tqdm import tqdm
-    if dataset not in DATASETS or dataset == 'synthetic':
-        raise UserError(f"cannot prepare {dataset!r}; valid: {', '.join(d for d in DATASETS if d != 'synthetic')}")
-    ann_dir, mask_dir = os.path.join(out_dir, 'anns', dataset), os.path.join(out_dir, 'masks', dataset)
-    os.makedirs(ann_dir, exist_ok=True)
-    os.makedirs(mask_dir, exist_ok=True)
-    img_dir = _image_dir(root)
-    out_img = os.path.join(out_dir, 'images', 'train2014')
-    if not os.path.exists(out_img) and not os.path.isdir(os.path.join(out_dir, 'train2014')):
-        os.makedirs(os.path.dirname(out_img), exist_ok=True)
-        os.symlink(os.path.abspath(img_dir), out_img)
-    bad, checked = [], {}
-    for split in DATASETS[dataset]['splits']:
-        records = _read_refer(root, dataset, split)
-        print(_split_size_line(dataset, split, len(records), f"{root}, refer layout"))
-        items, n_bad = [], len(bad)
-        for rec in tqdm(records, desc=f"{dataset} {split}"):
-            problem = _record_problem(rec, checked)
-            if problem is None:
-                problem = _write_mask(rec, os.path.join(mask_dir, f"{rec['ref_id']}.png"))
-            if problem is not None:
-                if not skip_bad:
-                    _raise_bad(problem[0])
-                bad.append({**_bad_entry(rec, problem[1], problem[0]), 'split': split})
-                continue
-            x, y, bw, bh = rec['bbox']
-            items.append({'bbox': [int(x), int(y), int(x) + int(bw), int(y) + int(bh)],
-                          'cat': _coco_cat(rec['category_id']), 'segment_id': rec['ref_id'],
-                          'img_name': os.path.basename(rec['image']),
-                          'sentences': [{'idx': i, 'sent_id': sid, 'sent': s}
-                                        for i, (sid, s) in enumerate(zip(rec['sent_ids'], rec['sentences']))],
-                          'sentences_num': len(rec['sentences'])})
-        path = os.path.join(ann_dir, f'{split}.json')
-        _atomic_write(path, json.dumps(items).encode())
-        skipped = f", skipped {len(bad) - n_bad} bad refs" if len(bad) > n_bad else ""
-        print(f"{dataset} {split}: wrote {len(items)} refs to {path}{skipped}")
-    if bad:
-        print(f"{dataset}: skipped {len(bad)} bad refs (no json entry, no mask):")
-        for b in bad:
-            print(f"  {b['split']}: {b['error']}")
-    return bad
-
-
-def _write_mask(rec, path):
-    """Rasterise a record's mask to `path` unless a complete one is there; (error, file) when it fails."""
-    if os.path.isfile(path):
-        try:
-            check_image_file(path)
-            return None
-        except ValueError:
-            pass  # truncated, e.g. by a full disk: written again below
-    h, w = rec['size']
-    try:
-        mask = segmentation_to_mask(rec['segmentation'], h, w)
-    except ValueError as e:
-        return UserError(f"{_who(rec)}: bad segmentation in {rec['source']}: {e}; fix the annotation"), rec['source']
-    _atomic_write(path, cv2.imencode('.png', mask * np.uint8(255))[1].tobytes())  # a killed run leaves no half mask
-    return None
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description='Write the prepared folder (anns/, masks/) from the REFER release.')
-    sub = p.add_subparsers(dest='cmd', required=True)
-    pp = sub.add_parser('prepare', help='write anns/ + masks/ from the REFER release')
-    pp.add_argument('--root', required=True)
-    pp.add_argument('--data', required=True, choices=[d for d in DATASETS if d != 'synthetic'])
-    pp.add_argument('--out', required=True)
-    pp.add_argument('--skip-bad', action='store_true',
-                    help='leave out refs with bad data (missing or truncated image, bad segmentation, empty '
-                         'sentence) and list them at the end, instead of stopping at the first')
-    args = p.parse_args(argv)
-    return prepare(args.root, args.data, args.out, args.skip_bad)
-
-
-if __name__ == '__main__':
-    run_cli(main)

@@ -32,7 +32,8 @@ class CoordConv(nn.Module):
 
 class HA(nn.Module):
     """Hierarchical alignment: each visual map goes to `dim` channels at stride 16 (strided conv / transposed
-    conv), is gated by the projected sentence vector, and the three are merged."""
+    conv), is gated by the projected sentence vector, and the three are merged (F_m), then given their x, y
+    coordinates (F_coord) and convolved into F_v."""
 
     def __init__(self, in_dims, sentence_dim, dim=512, strides=(1, 1, 1), heads=8):
         super().__init__()
@@ -46,15 +47,17 @@ class HA(nn.Module):
         self.aggr = conv_bn_relu(3 * dim, dim, 1, 0)
         self.coordconv = nn.Sequential(CoordConv(dim, dim), conv_bn_relu(dim, dim, 3, 1))
 
-    def forward(self, maps, sentence):  # maps: 3 x [B, C_i, h_i, w_i], sentence [B, E] -> [B, dim, S/16, S/16]
+    def forward(self, maps, sentence):  # maps: f_v^1..3, 3 x [B, C_i, h_i, w_i]; sentence: f_s [B, E]
         txt = self.txt_proj(sentence).unsqueeze(1)  # [B, 1, dim]
-        fused = []
+        levels = []
         for proj, fusion, x in zip((self.f3_proj, self.f4_proj, self.f5_proj),
                                    (self.fusion3, self.fusion4, self.fusion5), maps):
-            x = proj(x)  # [B, dim, h, w]
+            x = proj(x)  # [B, dim, S/16, S/16]
             h, w = x.shape[-2:]
-            fused.append(flat_to_map(fusion(x.flatten(2).transpose(1, 2), txt), h, w))
-        return self.coordconv(self.aggr(torch.cat(fused, dim=1)))
+            # one key (the sentence): attention weights of 1, so this gates each channel by the sentence
+            levels.append(flat_to_map(fusion(x.flatten(2).transpose(1, 2), txt), h, w))
+        fused = self.aggr(torch.cat(levels, dim=1))  # F_m [B, dim, S/16, S/16]
+        return self.coordconv(fused)  # F_v: F_m with F_coord, through two 3x3 convs [B, dim, S/16, S/16]
 
 
 def sine_pos_1d(dim, length):
@@ -131,14 +134,14 @@ class GA(nn.Module):
         self.register_buffer("txt_pos", sine_pos_1d(dim, word_len), persistent=False)
 
     def forward(self, vis, txt, pad_mask):
-        """vis [B, C, H, W], txt [B, L, C], pad_mask [B, L] (True at padding) -> [B, C, H, W]"""
+        """vis: F_v [B, C, H, W], txt: the words f_t [B, L, C], pad_mask [B, L] (True at padding) -> [B, C, H, W]"""
         B, C, H, W = vis.shape
         vis_pos = self.vis_pos if self.vis_pos.shape[0] == H * W else sine_pos_2d(C, H, W).to(self.vis_pos)
         txt_pos = self.txt_pos[:txt.shape[1]]
         x = vis.flatten(2).transpose(1, 2)  # [B, HW, C]
         for layer in self.layers:
             x = layer(x, txt, vis_pos, txt_pos, pad_mask)
-        return flat_to_map(self.norm(x), H, W)
+        return flat_to_map(self.norm(x), H, W)  # F_c [B, C, H, W]
 
 
 class Projector(nn.Module):
@@ -156,12 +159,12 @@ class Projector(nn.Module):
             nn.Conv2d(dim, dim, 1))
         self.txt = nn.Linear(sentence_dim, dim * kernel_size * kernel_size + 1)
 
-    def forward(self, x, sentence):  # x [B, 2*dim, h, w], sentence [B, E] -> logits [B, 1, 4h, 4w]
+    def forward(self, x, sentence):  # x: F_c [B, 2*dim, h, w], sentence: f_s [B, E] -> logits [B, 1, 4h, 4w]
         # channels-last through the upsampling and convs: on the CPU, bilinear upsampling of an NCHW map goes through
         # a slow layout copy, and these convs run ~1.5x faster channels-last (equal to 1e-12 in float64, tested)
-        x = self.vis(x.contiguous(memory_format=torch.channels_last)).contiguous()  # [B, dim, 4h, 4w]
+        x = self.vis(x.contiguous(memory_format=torch.channels_last)).contiguous()  # Z_c [B, dim, 4h, 4w]
         B, C, H, W = x.shape
-        kernel = self.txt(sentence)  # [B, dim*k*k + 1]
+        kernel = self.txt(sentence)  # Z_t, the text as a kernel and a bias: [B, dim*k*k + 1]
         weight = kernel[:, :-1].reshape(B * C, 1, self.kernel_size, self.kernel_size)
         # sample b's pixels meet sample b's kernel only: the authors' grouped conv (one group per sample), computed
         # channel by channel (a depthwise conv) and summed over channels, which is the same sum in another order

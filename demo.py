@@ -1,7 +1,7 @@
 """
 Demo: ETRIS end to end on the built-in synthetic referring dataset, on the CPU, in minutes.
 
-    python demo.py                 # the full demo (README numbers): train, evaluate, overlays, baselines
+    python demo.py                 # the full demo (docs/demo.md numbers): train, evaluate, overlays, baselines
     python demo.py --quick         # a reduced run (tests/test_demo.py)
 
 1. Frozen encoder. ETRIS (paper Sec. 3) adapts a frozen CLIP. With --clip-weights the demo uses that file.
@@ -19,7 +19,7 @@ Demo: ETRIS end to end on the built-in synthetic referring dataset, on the CPU, 
 
 Repeated in one environment (CPU type, torch build, --procs) a run is bit-identical; elsewhere the training
 trajectory differs from the first step on, so another machine gives numbers within the spread over seeds that
-the README gives.
+docs/demo.md gives.
 """
 import argparse
 import json
@@ -41,7 +41,7 @@ from dataset import build_dataset, build_loader
 from synthetic import synthetic_scene
 from errors import UserError, run_cli
 
-# blocks per encoder of the tiny CLIP (the Bridger then taps after every block); see the README's demo section
+# blocks per encoder of the tiny CLIP (the Bridger then taps after every block); see docs/demo.md
 TINY_BLOCKS = 3
 
 
@@ -151,7 +151,7 @@ def parse_args(argv=None):
     p.add_argument('--lr-decay', type=float, default=0.4)
     p.add_argument('--dropout', type=float, default=0.0,
                    help="dropout in GA (the paper: 0.1). 0 here: the run is short, its scenes are fresh, and a "
-                        "step is 14%% faster without it (README)")
+                        "step is 14%% faster without it (docs/demo.md)")
     p.add_argument('--train-samples', type=int, default=12800,
                    help="synthetic training refs (one epoch); made on the fly, so more of them cost nothing")
     p.add_argument('--val-samples', type=int, default=500)

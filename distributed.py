@@ -3,7 +3,7 @@ Where a process runs, the same for train.py, evaluate.py and the demo: its devic
 the seeds and kernel choices that make runs repeatable.
 
 torchrun starts one process per GPU on every node and gives each RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous;
-nothing here starts processes. Past one machine, torchrun runs once per node (README: "Training past one
+nothing here starts processes. Past one machine, torchrun runs once per node (docs/gpus.md: "Training past one
 machine"). Decisions that read a disk (is there a checkpoint to resume?) are taken by rank 0 and broadcast, since
 each node sees its own disks.
 """
@@ -61,7 +61,7 @@ def setup(device_name=None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         raise UserError(f"started by SLURM as {os.environ['SLURM_NTASKS']} tasks without torchrun: each would train "
-                        f"alone. Start torchrun once per node (srun --ntasks-per-node 1 torchrun ...; README: "
+                        f"alone. Start torchrun once per node (srun --ntasks-per-node 1 torchrun ...; docs/gpus.md: "
                         f"'Training past one machine')")
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name, local_rank, world)

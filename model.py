@@ -9,10 +9,13 @@ checkpoints load strictly.
     from model import build_model
     net = build_model("ViT-B/16", input_size=416, word_len=17)   # OpenAI's ViT-B/16 weights, from the cache
     logits = net(images, tokens)                                 # [B, 3, 416, 416], [B, 17] -> [B, 1, 104, 104]
+
+    python model.py --backbone RN101     # Fig. 2 block by block: symbols, shapes, parameters (random weights)
 """
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
 from bridger import Bridger
@@ -87,6 +90,7 @@ class ETRIS(nn.Module):
                                c.zoom_strides, c.bridger_stages, c.zoom, c.bridger_dropout)
         fpn_in = (c.vision_dims[0], c.vision_dims[1], c.embed_dim)
         self.neck = HA(fpn_in, c.embed_dim, dim=c.text_dim, strides=c.zoom_strides)
+        # `decoder` is the authors' name for GA alone; the paper's task-specific decoder is HA + GA + Projector
         self.decoder = GA(c.ga_layers, c.text_dim, c.ga_heads, c.ga_ffn_dim, c.ga_dropout,
                           grid=c.input_size // 16, word_len=c.word_len)
         self.proj = Projector(c.embed_dim, c.text_dim // 2)
@@ -100,24 +104,24 @@ class ETRIS(nn.Module):
         clip = self.backbone
         vis = clip.visual.embed(images)  # ViT: tokens [N, 1 + hw, C]; ResNet: [N, C, S/4, S/4]
         txt = clip.embed_text(tokens)  # [B, L, Dt]
-        maps, fused = [], None
+        maps, zoomed = [], None
         for i in range(3):  # each encoder's thirds (ResNet: layer2, layer3, layer4)
             vis = clip.visual.stage(i, vis)
-            txt = clip.text_stage(i, txt)
+            txt = clip.text_stage(i, txt)  # f_t^i, the words after text stage i: [B, L, Dt]
             if i == 0 and image_index is not None:
                 vis = vis[image_index]  # one row per sentence from here on
-            vis_map = clip.visual.feature_map(vis)  # [B, C_i, h_i, w_i]
+            vis_map = clip.visual.feature_map(vis)  # f_v^i, the image after stage i: [B, C_i, h_i, w_i]
             if i in self.bridger.stages:  # the two streams exchange through the Bridger
-                dv, dt, fused = self.bridger(i, vis_map, txt, fused)
+                dv, dt, zoomed = self.bridger(i, vis_map, txt, zoomed)
                 vis, vis_map = clip.visual.add_residual(vis, vis_map, dv)
                 txt = txt + dt
             if i < 2:
                 maps.append(vis_map)
-        maps.append(clip.visual.output_map(vis))  # [B, E, h, w], in CLIP's joint space
-        words, sentence = clip.text_output(txt, tokens)  # [B, L, Dt], [B, E]
-        x = self.neck(maps, sentence)  # HA: [B, Dt, S/16, S/16]
-        x = self.decoder(x, words, tokens == 0)  # GA, padded words masked
-        return self.proj(x, sentence)  # Projector: [B, 1, S/4, S/4]
+        maps.append(clip.visual.output_map(vis))  # f_v^3 in CLIP's joint space: [B, E, h, w]
+        words, sentence = clip.text_output(txt, tokens)  # f_t, the words [B, L, Dt]; f_s, the sentence [B, E]
+        x = self.neck(maps, sentence)  # HA: F_v [B, Dt, S/16, S/16]
+        x = self.decoder(x, words, tokens == 0)  # GA, padded words masked: F_c [B, Dt, S/16, S/16]
+        return self.proj(x, sentence)  # Projector: mask logits [B, 1, S/4, S/4]
 
     def check_inputs(self, tokens, image_index):
         if tokens.dim() != 2 or tokens.shape[1] > self.config.word_len:
@@ -185,19 +189,133 @@ def model_from_config(config, clip_weights=None):
 
 
 def parameter_counts(net):
-    """Parameter counts; updated_backbone_pct is the Bridger's size as a percentage of the CLIP backbone's (the
-    paper's "updated backbone parameters": the authors count the Bridger as the backbone update)."""
+    """Parameter counts. bridger_pct is the Bridger's size as a percentage of the CLIP image encoder's: the paper's
+    "1.61% to 3.38% backbone parameter updates" are its Bridger counts over the tuned image encoders of other
+    methods (Table 3), which are CLIP's image encoders (docs/paper_vs_code.md)."""
     def count(params):
         return sum(p.numel() for p in params)
     total = count(net.parameters())
     trainable = count(p for p in net.parameters() if p.requires_grad)
     bridger = count(net.bridger.parameters())
+    image_encoder = count(net.backbone.visual.parameters())
     decoder = count(net.neck.parameters()) + count(net.decoder.parameters()) + count(net.proj.parameters())
     return dict(total=total, frozen=total - trainable, trainable=trainable, bridger=bridger, decoder=decoder,
-                updated_backbone_pct=100.0 * bridger / count(net.backbone.parameters()))
+                image_encoder=image_encoder, bridger_pct=100.0 * bridger / image_encoder)
 
 
 def format_parameter_counts(counts):
     return (f"parameters: total {counts['total']:,} | frozen {counts['frozen']:,} | trainable {counts['trainable']:,}\n"
-            f"  bridger {counts['bridger']:,} ({counts['updated_backbone_pct']:.2f}% of the backbone) | "
-            f"decoder (neck + GA + projector) {counts['decoder']:,}")
+            f"  Bridger {counts['bridger']:,} ({counts['bridger_pct']:.2f}% of the image encoder's "
+            f"{counts['image_encoder']:,}) | decoder (HA + GA + Projector) {counts['decoder']:,}")
+
+
+# ----------------------------------------------------------------------------------------------
+# a walk through Fig. 2:  python model.py --backbone ViT-B/16 --input-size 416
+
+def fig2_blocks(net):
+    """Fig. 2's blocks in order, each a dict: block, symbol, the module whose input ("in") or output ("out") it
+    shows, and the parameters it owns (owners: modules or parameters; rest_of: what a module has left)."""
+    clip, bridger, vis, c = net.backbone, net.bridger, net.backbone.visual, net.config
+    vit, text_n = "ViT" in c.backbone, len(clip.transformer.third(0))
+    rows = []
+
+    def add(block, symbol, module=None, side="out", owners=(), rest_of=None):
+        rows.append(dict(block=block, symbol=symbol, module=module, side=side, owners=owners, rest_of=rest_of))
+    add("image encoder: embedding", "", vis.blocks(0)[0], "in", rest_of=vis)
+    add("text encoder: embedding", "", clip.transformer.third(0)[0], "in", (clip.token_embedding,
+                                                                             clip.positional_embedding))
+    for i in range(3):
+        n, s = len(vis.blocks(i)), str(i)
+        where = f"blocks {i * n + 1}-{i * n + n}" if vit else f"layer{i + 2}"
+        bridged = i in bridger.stages
+        add(f"stage {i + 1}: image encoder {where}", f"f_v^{i + 1}", bridger.zoom_in[s] if bridged else
+            vis.blocks(i)[-1], "in" if bridged else "out", vis.blocks(i))
+        add(f"stage {i + 1}: text encoder blocks {i * text_n + 1}-{i * text_n + text_n}", f"f_t^{i + 1}",
+            clip.transformer.third(i)[-1], "out", clip.transformer.third(i))
+        if bridged:  # from the second bridged stage on, a LayerNorm of this stage's + the previous zoomed-in pair
+            norms = [(m[str(i - 1)],) if str(i - 1) in m else () for m in (bridger.ln_v, bridger.ln_t)]
+            add("  Bridger ZL_in: image into width d", f"hat F_v^{i + 1}", bridger.zoom_in[s],
+                owners=(bridger.zoom_in[s], *norms[0]))
+            add("  Bridger: words into width d", "", bridger.linear1[s], owners=(bridger.linear1[s], *norms[1]))
+            add("  Bridger ITA: image reads words", "", bridger.fusion_v[s], owners=(bridger.fusion_v[s],))
+            add("  Bridger ITA: words read image", "", bridger.fusion_t[s], owners=(bridger.fusion_t[s],))
+            add(f"  Bridger ZL_out: added to f_v^{i + 1}", "", bridger.zoom_out[s], owners=(bridger.zoom_out[s],))
+            add(f"  Bridger: added to f_t^{i + 1}", "", bridger.linear2[s], owners=(bridger.linear2[s],))
+    add("image encoder: output head, to CLIP's joint space", "f_v^3 (HA input)", net.neck.f5_proj, "in",
+        (vis.ln_post, vis.proj) if vit else (vis.attnpool,))
+    add("text encoder: words (ln_final)", "f_t", clip.ln_final, owners=(clip.ln_final,))
+    add("text encoder: sentence (end token, projected)", "f_s", net.neck.txt_proj, "in", (clip.text_projection,))
+    add("HA: hierarchical alignment (`neck`)", "F_v", net.neck, owners=(net.neck,))
+    add("GA: global alignment (`decoder`)", "F_c", net.decoder, owners=(net.decoder,))
+    add("Projector: pixel features", "Z_c", net.proj.vis, owners=(net.proj.vis,))
+    add("Projector: text kernel and bias", "Z_t", net.proj.txt, owners=(net.proj.txt,))
+    add("Projector: mask logits", "", net.proj)
+    add("CLIP parameters ETRIS does not use", "", rest_of=clip)
+    return rows
+
+
+def shape_walk(net, sentence="the man on the left"):
+    """Fig. 2 block by block, for one image and `sentence`: a list of dicts (block, symbol, shape, trainable,
+    frozen). Each shape is recorded by a hook on the model's own module during one forward pass; each parameter
+    is counted in exactly one block."""
+    from tokenizer import tokenize
+    rows, c = fig2_blocks(net), net.config
+
+    def params(owners):
+        return [p for o in owners for p in ([o] if isinstance(o, nn.Parameter) else o.parameters())]
+    claimed = {id(p) for r in rows for p in params(r["owners"])}
+    hooks, shapes = [], {}
+    for k, r in enumerate(rows):
+        if r["rest_of"] is not None:
+            r["owners"] = [p for p in r["rest_of"].parameters() if id(p) not in claimed]
+            claimed |= {id(p) for p in r["owners"]}
+        ps = params(r["owners"])
+        r["trainable"] = sum(p.numel() for p in ps if p.requires_grad)
+        r["frozen"] = sum(p.numel() for p in ps if not p.requires_grad)
+
+        def record(tensor, k=k):  # returns None: a hook's return value would replace the module's input or output
+            shapes.setdefault(k, tuple(tensor.shape))
+        if r["module"] is not None and r["side"] == "in":
+            hooks.append(r["module"].register_forward_pre_hook(lambda m, args, record=record: record(args[0])))
+        elif r["module"] is not None:
+            hooks.append(r["module"].register_forward_hook(lambda m, args, out, record=record: record(out)))
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.randn(1, 3, c.input_size, c.input_size), tokenize(sentence, c.word_len, truncate=True))
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    return [dict(block=r["block"], symbol=r["symbol"], shape=shapes.get(k), trainable=r["trainable"],
+                 frozen=r["frozen"]) for k, r in enumerate(rows)]
+
+
+def print_shape_walk(net, sentence="the man on the left"):
+    c = net.config
+    print(f"ETRIS with {c.backbone} at {c.input_size} px, one image and the sentence {sentence!r} in {c.word_len} "
+          f"tokens\n\n{'block':52} {'symbol':17} {'shape':19} {'trainable':>11} {'frozen':>12}")
+    for r in shape_walk(net, sentence):
+        shape = "" if r["shape"] is None else "[" + ", ".join(map(str, r["shape"])) + "]"
+        print(f"{r['block']:52} {r['symbol']:17} {shape:19} {r['trainable']:>11,} {r['frozen']:>12,}")
+    print("\n" + format_parameter_counts(parameter_counts(net)))
+
+
+def main(argv=None):
+    import argparse
+    from clip_loader import random_clip_state_dict
+    p = argparse.ArgumentParser(description="Print Fig. 2 block by block: symbols, shapes, parameters.")
+    p.add_argument("--backbone", default="ViT-B/16")
+    p.add_argument("--input-size", type=int, default=416)
+    p.add_argument("--word-len", type=int, default=17)
+    p.add_argument("--sentence", default="the man on the left")
+    p.add_argument("--clip-weights", default=None, help="default: random weights of the real shapes (no download)")
+    args = p.parse_args(argv)
+    check_backbone(args.backbone)
+    weights = args.clip_weights or random_clip_state_dict(args.backbone)
+    print_shape_walk(build_model(args.backbone, weights, args.input_size, args.word_len), args.sentence)
+
+
+if __name__ == "__main__":
+    from errors import run_cli
+    run_cli(main)

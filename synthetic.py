@@ -1,18 +1,14 @@
 """
 A synthetic referring dataset: procedural scenes of 2-5 coloured shapes, and sentences that pick out one of them by
 colour, shape, size or place next to another object ("the small red circle left of the blue square"), so that only
-language tells which. It gives the same samples as dataset.RefDataset, so ETRIS trains and evaluates on it anywhere,
-without downloads, in minutes (demo.py). Not part of the paper.
+language tells which. dataset.SyntheticRefDataset turns the scenes into the same samples as dataset.RefDataset, so
+ETRIS trains and evaluates on them anywhere, without downloads, in minutes (demo.py). Not part of the paper.
 """
 import math
 import random
 
 import cv2
 import numpy as np
-from torch.utils.data import Dataset
-
-from dataset import DATASETS, _make_sample
-
 
 _SHAPES = ('circle', 'square', 'triangle')
 _COLOURS = {'red': (215, 35, 35), 'green': (40, 175, 60), 'blue': (45, 75, 225),
@@ -43,7 +39,7 @@ def _expressions(objs, t, side, rnd):
     """Every phrase this generator can say that picks out objs[t] and no other object, by kind: 'attribute'
     ("the small red circle"), 'size' ("the largest circle") and 'relation' ("the circle left of the blue
     square"). No phrase places the target within its own group ("the leftmost circle"): the demo's tiny model
-    learns that kind far more slowly than the others (README), and relations already say where things are."""
+    learns that kind far more slowly than the others (docs/demo.md), and relations already say where things are."""
     tgt, out = objs[t], {'attribute': [], 'size': [], 'relation': []}
     unique = {}  # the shortest unique description of each object, used for anchors
     for keys in _FILTERS[1:]:
@@ -152,27 +148,3 @@ def synthetic_scene(seed, split, index):
         for o in objs:  # drawn with the very call that drew its mask: pixel-exact
             _draw(img, o, [min(255, max(0, c + rnd.randint(-20, 20))) for c in _COLOURS[o['colour']]])
         return dict(image=img, objects=objs, target=t, sentences=sentences)
-
-
-class SyntheticRefDataset(Dataset):
-    """Procedural shapes with expressions that only language disambiguates; same samples as RefDataset."""
-
-    def __init__(self, split, mode, input_size, word_len, seed=0, num_samples=None):
-        self.name, self.split, self.mode = 'synthetic', split, mode
-        self.input_size, self.word_len, self.seed = input_size, word_len, seed
-        self.num_samples = DATASETS['synthetic']['splits'][split] if num_samples is None else num_samples
-        self.bad_samples = []
-
-    def __len__(self):
-        return self.num_samples
-
-    def scene(self, index):
-        return synthetic_scene(self.seed, self.split, index)
-
-    def __getitem__(self, index):
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} synthetic samples")
-        sc = self.scene(index)
-        mask = sc['objects'][sc['target']]['mask'] * np.uint8(255)
-        return _make_sample(sc['image'], mask, sc['sentences'], index, index, self.mode,
-                            self.input_size, self.word_len)

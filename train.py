@@ -71,7 +71,7 @@ def parse_args(argv=None):
     g.add_argument("--max-nonfinite", type=int, default=20,
                    help="stop after this many skipped (non-finite) steps in a row; checked at each log step")
     g.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels, no cuDNN autotuning (slower; see README: determinism)")
+                   help="deterministic kernels, no cuDNN autotuning (slower; see docs/gpus.md: determinism)")
     g = p.add_argument_group("run")
     g.add_argument("--output", default=None, help="default: exp/<data>/<backbone>")
     g.add_argument("--resume", default=None, help="'auto' (the output folder's last.pth, if any) or a path")

@@ -13,7 +13,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from coco_mask import rle_encode, rle_to_string, segmentation_to_mask  # noqa: E402
-from dataset import DATASETS, prepare  # noqa: E402
+from dataset import DATASETS  # noqa: E402
+from prepare import prepare  # noqa: E402
 
 
 def fake_refer_release(root, dataset='refcoco', n_images=8, refs_per_image=2, size=(480, 640), seed=0):

@@ -1,4 +1,4 @@
-"""benchmark.py's plumbing on the CPU, so that it works on a GPU machine: the GPU check end to end on a tiny
+"""tools/benchmark.py's plumbing on the CPU, so that it works on a GPU machine: the GPU check end to end on a tiny
 backbone (its CUDA tests skip, its torchrun run is killed and resumed, its table is filled), its worker processes'
 environment, the activation-memory and BatchNorm counts, and the table writing."""
 import os
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-import benchmark
+from tools import benchmark
 
 
 def test_gpu_check_plumbing_on_the_cpu(tmp_path):

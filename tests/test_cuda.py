@@ -23,7 +23,7 @@ from evaluate import evaluate
 from layers import multihead_attention
 from loss import segmentation_loss
 from model import build_model
-from parity import fill_
+from tools.parity import fill_
 
 # read at collection, before conftest fakes CUDA where there is none
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")]
@@ -144,8 +144,9 @@ def _syncbn_rank(rank, port, folder):
     images, tokens, mask = (t[2 * rank:2 * rank + 2] for t in inputs(4, 64))
     loss = segmentation_loss(model(images, tokens), mask)
     loss.backward()
-    torch.save({"loss": loss.item(), "grads": {n: p.grad.cpu() for n, p in net.named_parameters() if p.grad is not None},
-                "buffers": {n: b.cpu() for n, b in net.named_buffers()}}, os.path.join(folder, f"rank{rank}.pt"))
+    grads = {n: p.grad.cpu() for n, p in net.named_parameters() if p.grad is not None}
+    torch.save({"loss": loss.item(), "grads": grads, "buffers": {n: b.cpu() for n, b in net.named_buffers()}},
+               os.path.join(folder, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 

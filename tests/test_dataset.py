@@ -11,6 +11,7 @@ import torch
 
 import coco_mask as M
 import dataset as D
+from prepare import main as prepare_main, prepare
 from fake_refer import fake_refer_release
 from test_coco_mask import rect, rect_counts
 from errors import UserError
@@ -258,7 +259,7 @@ def test_sentences_per_mode(refer_root):
 
 def test_prepare_writes_authors_folder(refer_root, tmp_path):
     out = str(tmp_path / 'prep')
-    D.prepare(refer_root, 'refcoco', out)
+    prepare(refer_root, 'refcoco', out)
     with open(os.path.join(out, 'anns', 'refcoco', 'train.json')) as f:
         items = json.load(f)
     assert items[0] == {'bbox': [1, 2, 11, 7], 'cat': 1, 'segment_id': 100, 'img_name': 'COCO_train2014_000000000011.jpg',
@@ -283,7 +284,7 @@ def test_prepare_writes_authors_folder(refer_root, tmp_path):
     keep = os.path.join(out, 'masks', 'refcoco', '100.png')
     cv2.imwrite(keep, np.full((H, W), 7, np.uint8))
     os.remove(os.path.join(out, 'masks', 'refcoco', '101.png'))
-    D.prepare(refer_root, 'refcoco', out)
+    prepare(refer_root, 'refcoco', out)
     assert cv2.imread(keep, cv2.IMREAD_GRAYSCALE).max() == 7
     assert cv2.imread(os.path.join(out, 'masks', 'refcoco', '101.png'), cv2.IMREAD_GRAYSCALE).max() == 255
     assert not [f for d, _, fs in os.walk(out) for f in fs if '.tmp' in f]
@@ -360,7 +361,7 @@ def test_missing_annotation_and_empty_sentence(tmp_path):
 
 def test_bad_masks_in_prepared_folder(refer_root, tmp_path):
     out = str(tmp_path / 'prep')
-    D.prepare(refer_root, 'refcoco', out)
+    prepare(refer_root, 'refcoco', out)
     with open(os.path.join(out, 'masks', 'refcoco', '101.png'), 'wb') as f:
         f.write(b'\x89PNG\r\n\x1a\n broken')
     with pytest.raises(UserError, match="ref 101: mask file .*101.png is a truncated PNG"):
@@ -552,7 +553,7 @@ def test_truncated_mask_in_prepared_folder(refer_root, tmp_path):
     out = str(tmp_path / 'prep')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        D.prepare(refer_root, 'refcoco', out)
+        prepare(refer_root, 'refcoco', out)
     mask = os.path.join(out, 'masks', 'refcoco', '101.png')
     _truncate(mask, 0.9)
     with pytest.raises(UserError, match=r"ref 101: mask file .*101\.png is a truncated PNG.*prepare"):
@@ -561,7 +562,7 @@ def test_truncated_mask_in_prepared_folder(refer_root, tmp_path):
     # prepare rewrites a truncated mask (a complete one is kept, as before)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        D.prepare(refer_root, 'refcoco', out)
+        prepare(refer_root, 'refcoco', out)
     D.check_image_file(mask)
     assert len(build('refcoco', 'train', root=out)) == 2
 
@@ -599,7 +600,7 @@ def test_bad_segmentation_names_ref_and_annotation(tmp_path, seg):
     assert [r['ref_id'] for r in ds.records] == [100]
     assert [(b['ref_id'], b['ann_id'], b['file']) for b in ds.bad_samples] == [(101, 2, inst)]
     with pytest.raises(UserError, match=r"ref 101 \(annotation 2\): bad segmentation"):
-        D.prepare(root, 'refcoco', str(tmp_path / 'prep'))
+        prepare(root, 'refcoco', str(tmp_path / 'prep'))
 
 
 # ----------------------------------------------------------------------------- bad data: prepare, split sizes
@@ -610,9 +611,9 @@ def test_prepare_skip_bad_and_split_sizes(tmp_path, capsys):
     _write_segmentations(root, {2: [[]]})  # ref 101 (train)
     _truncate(os.path.join(root, 'images', 'train2014', 'COCO_train2014_000000000010.jpg'))  # refs 101, 103
     with pytest.raises(UserError, match=r"ref 101 \(annotation 2\)"):
-        D.main(['prepare', '--root', root, '--data', 'refcoco', '--out', out])
+        prepare_main(['--root', root, '--data', 'refcoco', '--out', out])
     capsys.readouterr()
-    bad = D.main(['prepare', '--root', root, '--data', 'refcoco', '--out', out, '--skip-bad'])
+    bad = prepare_main(['--root', root, '--data', 'refcoco', '--out', out, '--skip-bad'])
     printed = capsys.readouterr().out
     assert [(b['split'], b['ref_id'], b['ann_id']) for b in bad] == [('train', 101, 2), ('testA', 103, 4)]
     for split, found, published in (('train', 2, 42404), ('val', 1, 3811), ('testA', 2, 1975), ('testB', 2, 1810)):

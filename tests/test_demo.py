@@ -1,7 +1,7 @@
 """The demo (demo.py). The reduced run (--quick: 1000 steps in 2 DDP processes) goes through the real train/evaluate
 code and checks that the training loss falls, that ETRIS beats the best text-blind guess, and that it reads the
 sentence (another scene's sentence scores far lower). It runs seed 0; ETRIS_DEMO_SEEDS="0 1 2 3 4" runs those seeds
-instead (the README gives what they measured). ETRIS_DEMO_FULL=1 also runs the full demo and checks the README's
+instead (docs/demo.md gives what they measured). ETRIS_DEMO_FULL=1 also runs the full demo and checks docs/demo.md's
 claim on the same seeds."""
 import json
 import os

@@ -14,8 +14,8 @@ from decoder import Projector
 from errors import UserError
 from layers import GatedCrossAttention, TransformerInteractor
 from loss import segmentation_loss
-from model import build_model, format_parameter_counts, parameter_counts
-from parity import fill_
+from model import build_model, format_parameter_counts, parameter_counts, print_shape_walk, shape_walk
+from tools.parity import fill_
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 SIZE, WORD_LEN = 64, 17
@@ -55,7 +55,7 @@ def tiny(backbone, sd, **kw):
 @pytest.mark.parametrize("fixture", ["parity_vit.pt", "parity_rn.pt"])
 def test_golden_parity_with_authors_code(fixture):
     """The authors' model (their code, run once by a script outside the repo) and ours, both with every
-    tensor filled by parity.py, give the same logits in fp32 eval mode."""
+    tensor filled by tools/parity.py, give the same logits in fp32 eval mode."""
     ref = torch.load(os.path.join(FIXTURES, fixture))
     sd = {k: torch.zeros(s, dtype=getattr(torch, ref["clip_dtypes"][k].split(".")[1]))
           for k, s in ref["clip_shapes"].items()}
@@ -214,7 +214,10 @@ def test_ablation_flags(clip_rn, clip_vit):
     counts = parameter_counts(base)
     assert counts["total"] == counts["frozen"] + counts["trainable"]
     assert counts["trainable"] == counts["bridger"] + counts["decoder"] + 64 * 77 + 64 * 17  # + text/visual pos
-    assert "bridger" in format_parameter_counts(counts) and f"{counts['bridger']:,}" in format_parameter_counts(counts)
+    image_encoder = sum(p.numel() for p in base.backbone.visual.parameters())
+    assert counts["bridger_pct"] == 100 * counts["bridger"] / image_encoder  # the paper's measure (Table 3)
+    assert f"Bridger {counts['bridger']:,} ({counts['bridger_pct']:.2f}% of the image encoder's {image_encoder:,})" \
+        in format_parameter_counts(counts)
     fill_(base)
     with torch.no_grad():
         ref = base.eval()(x, t)
@@ -464,3 +467,35 @@ def test_dropouts_are_in_the_config_and_the_config_rebuilds_the_model(clip_rn, t
     assert asdict(again.config) == {**asdict(off.config), "clip_weights": str(tmp_path / "clip.pt")}
     with torch.no_grad():
         assert torch.equal(again(x, t), off.eval()(x, t))
+
+
+# ---------------------------------------------------------------------------------------------- the shape walk
+
+@pytest.mark.parametrize("backbone", ["tiny-ViT", "tiny-RN"])
+def test_shape_walk_gives_the_models_own_shapes_and_counts(backbone, clip_vit, clip_rn, capsys):
+    net = tiny(backbone, clip_vit if backbone == "tiny-ViT" else clip_rn)
+    rows = shape_walk(net, "the red circle")
+    counts = parameter_counts(net)
+    assert sum(r["trainable"] for r in rows) == counts["trainable"]  # every parameter counted once
+    assert sum(r["frozen"] for r in rows) == counts["frozen"]
+    assert sum(r["trainable"] for r in rows if r["block"].startswith("  Bridger")) == counts["bridger"]
+    c, g = net.config, SIZE // 16
+    by_symbol = {r["symbol"]: r["shape"] for r in rows if r["symbol"]}
+    strides = (2, 1, 2) if backbone == "tiny-RN" else (1, 1, 1)
+    expected = {"f_t": (1, WORD_LEN, c.text_dim), "f_s": (1, c.embed_dim), "F_v": (1, c.text_dim, g, g),
+                "F_c": (1, c.text_dim, g, g), "Z_c": (1, c.text_dim // 2, SIZE // 4, SIZE // 4),
+                "Z_t": (1, c.text_dim // 2 * 9 + 1)}
+    for i, (dim, stride) in enumerate(zip(c.vision_dims, strides)):
+        side = g * stride if i == 0 else g // stride  # ResNet: layer2 at stride 8, layer4 at stride 32
+        expected[f"f_v^{i + 1}"] = (1, dim, side, side)
+        expected[f"f_t^{i + 1}"] = (1, WORD_LEN, c.text_dim)
+        expected[f"hat F_v^{i + 1}"] = (1, c.bridger_dim, g, g)  # every stage interacts at stride 16
+    expected["f_v^3 (HA input)"] = (1, c.embed_dim, g // strides[2], g // strides[2])
+    assert by_symbol == expected
+    with torch.no_grad():
+        logits = net.eval()(images_for()[:1], tokens_for()[:1])
+    assert rows[-2]["block"] == "Projector: mask logits" and rows[-2]["shape"] == tuple(logits.shape)
+    print_shape_walk(net, "the red circle")
+    printed = capsys.readouterr().out
+    assert f"[1, {c.text_dim}, {g}, {g}]" in printed and printed.rstrip().endswith(
+        format_parameter_counts(counts).splitlines()[-1])

@@ -1,5 +1,5 @@
 """Deterministic weights for comparing this implementation with the authors' ETRIS code (the golden fixtures of
-tests/test_model.py, benchmark.py's side-by-side runs): every parameter and buffer is refilled from a generator
+tests/test_model.py, tools/benchmark.py's side-by-side runs): every parameter and buffer is refilled from a generator
 seeded by the CRC32 of its state-dict name (without 'module.'), so two implementations with the same names get the
 same numbers whatever their init or construction order.
 Scales keep activations O(1) through the frozen CLIP: fan-in scaled weights, norm weights near 1,

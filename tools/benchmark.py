@@ -11,14 +11,14 @@ One configuration (backbone, input size, batch, device, options) gives:
 - eval loop: sentences/s of evaluate.evaluate, the full test protocol, on --data / --root (test mode);
 - loader: samples/s of the data loader alone.
 
-    python benchmark.py --backbone tiny-ViT --input-size 128 --batch-size 4 --device cpu        # quick
-    python benchmark.py --backbone ViT-B/16 --batch-size 8 --amp fp16 --write BENCHMARKS.md       # one row
-    python benchmark.py --backbone ViT-B/16 --authors-repo ~/ETRIS --repeats 5 --write BENCHMARKS.md
-    python benchmark.py --memory-estimate                                    # activation memory per sample
-    python benchmark.py --gpu-check --out gpu_check.md                       # the GPU check (BENCHMARKS.md)
+    python tools/benchmark.py --backbone tiny-ViT --input-size 128 --batch-size 4 --device cpu      # quick
+    python tools/benchmark.py --backbone ViT-B/16 --batch-size 8 --amp fp16 --write BENCHMARKS.md     # one row
+    python tools/benchmark.py --backbone ViT-B/16 --authors-repo ~/ETRIS --repeats 5 --write BENCHMARKS.md
+    python tools/benchmark.py --memory-estimate                              # activation memory per sample
+    python tools/benchmark.py --gpu-check --out gpu_check.md                 # the GPU check (BENCHMARKS.md)
 
 --authors-repo PATH runs the authors' model (their checkout, imported at run time; nothing of it is part of this
-repository) in a second process with the same weights (parity.py), and alternates ours / theirs (A B A B ...)
+repository) in a second process with the same weights (tools/parity.py), and alternates ours / theirs (A B A B ...)
 so that load changes hit both; medians are reported. Their step is their ETRIS.forward in train mode (loss
 inside) + backward + their optimizer (plain Adam), under their AMP when --amp fp16; their eval loop is their
 engine.inference on their RefDataset (test mode) of a prepared folder (--root), its LMDB replaced by an
@@ -43,7 +43,9 @@ import warnings
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: its modules, train.py, tests/
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the authors' config/refcoco/bridge_*.yaml values for the side-by-side model
 AUTHORS_CFG = {
@@ -202,7 +204,7 @@ class Ours:
     def __init__(self, a, device):
         from clip_loader import random_clip_state_dict
         from model import build_model
-        from parity import fill_
+        from tools.parity import fill_
         self.a, self.device = a, device
         net = build_model(a.backbone, clip_weights=random_clip_state_dict(a.backbone), input_size=a.input_size,
                           word_len=a.word_len)
@@ -294,15 +296,15 @@ class Authors:
     CLIP file), from their checkout at `repo`, with the same weights as ours."""
 
     def __init__(self, a, device, repo):
+        import torch.nn as nn
+        from clip_loader import random_clip_state_dict
+        from tools.parity import fill_  # before their checkout goes on the path: it has a tools/ folder too
         stub_modules("loguru", "wandb", "lmdb", "pyarrow", "PIL")
         sys.path.insert(0, repo)
-        import torch.nn as nn
         from model.bridger import Bridger_RN, Bridger_ViT
         from model.clip import build_model
         from model.layers import GA, HA, Projector
         from model.segmenter import ETRIS
-        from clip_loader import random_clip_state_dict
-        from parity import fill_
         if a.backbone not in AUTHORS_CFG:
             raise ValueError(f"--authors-repo compares {', '.join(AUTHORS_CFG)} only (the authors' Bridger taps "
                              f"fixed blocks 4/8/12), not {a.backbone}")
@@ -428,9 +430,9 @@ def worker(a):
 class Remote:
     def __init__(self, kind, argv):
         path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + path))  # the caller's entries kept
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + path))  # the caller's entries kept
         self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", kind] + argv,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE, env=env)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         self.ask(None)
 
     def ask(self, cmd):
@@ -534,6 +536,8 @@ def measure(a, device):
                 fn()
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(f"--- {name}: top {a.profile} ops\n" + prof.key_averages().table(sort_by=key, row_limit=a.profile))
+    if a.syncbn:
+        torch.distributed.destroy_process_group()
     return out
 
 
@@ -548,7 +552,7 @@ def write_row(path, header, row):
     """Append a table row under '## benchmark' in path (the section and its table header are created once)."""
     text = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
     if "\n## benchmark\n" not in text:
-        text = text.rstrip("\n") + "\n\n## benchmark\n\nRows appended by `benchmark.py --write`.\n\n"
+        text = text.rstrip("\n") + "\n\n## benchmark\n\nRows appended by `tools/benchmark.py --write`.\n\n"
     if header not in text:
         text = text.rstrip("\n") + "\n\n" + header + "\n"
     lines = text.split("\n")
@@ -634,7 +638,7 @@ def check_configs(a, device):
 def run_logged(cmd, report, timeout, **kwargs):
     """Run cmd; its output's last lines go into the report. Returns the CompletedProcess (None on timeout)."""
     try:
-        done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kwargs)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
     except subprocess.TimeoutExpired:
         report(f"    (stopped after {timeout:.0f} s)")
         return None
@@ -657,7 +661,7 @@ def killed_and_resumed_run(a, folder, report, timeout, env=None):
            "--resume", "auto"]
     report(f"- `{' '.join(cmd[3:])}` (via torchrun), killed after its first save, then resumed:")
     last = os.path.join(out, "last.pth")
-    first = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True, env=env)
     deadline = time.time() + timeout / 2
     while not os.path.exists(last) and first.poll() is None and time.time() < deadline:
@@ -691,8 +695,8 @@ def gpu_check(a, argv):
         return a.budget - (time.time() - start)
     # a check run on the CPU hides any GPU from its subprocesses, so that the CUDA tests skip there too
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="") if device.type == "cpu" else None
-    report(f"\n## GPU check, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n`python benchmark.py {' '.join(argv)}` on "
-           f"{machine(device)}, torch {torch.__version__}\n\n1. CUDA tests (`pytest tests/test_cuda.py`):")
+    report(f"\n## GPU check, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n`python tools/benchmark.py {' '.join(argv)}` "
+           f"on {machine(device)}, torch {torch.__version__}\n\n1. CUDA tests (`pytest tests/test_cuda.py`):")
     run_logged([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"], report,
                min(150.0, left()), env=env)
     report("\n2. Kill and resume under torchrun:")
@@ -714,7 +718,7 @@ def gpu_check(a, argv):
               (["--no-cudnn"] if not cudnn else []) + (["--compile"] if compiled else []) + \
               (["--syncbn"] if syncbn else [])
         try:
-            done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=max(1.0, left()), env=env)
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, left()), env=env)
             r = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
         except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
             r, done = None, None
@@ -797,7 +801,7 @@ def main(argv=None):
             print(json.dumps(r))
         return rows
     device = torch.device(a.device)
-    head = [datetime.date.today().isoformat(), f"`python benchmark.py {' '.join(argv)}`", machine(device),
+    head = [datetime.date.today().isoformat(), f"`python tools/benchmark.py {' '.join(argv)}`", machine(device),
             torch.__version__, options(a)]
     if a.authors_repo:
         row = side_by_side_row(a, argv, head)
