@@ -44,6 +44,23 @@ def cuda_faked_where_there_is_none():
         yield
 
 
+@pytest.fixture
+def kernel_settings_restored():
+    """Puts back the global kernel settings that distributed.seed_and_configure changes for --deterministic."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2:4]
+    torch.backends.cuda.enable_flash_sdp(saved[4])
+    torch.backends.cuda.enable_mem_efficient_sdp(saved[5])
+    torch.backends.cuda.enable_cudnn_sdp(saved[6])
+    if saved[7] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 @pytest.fixture(autouse=True)
 def cpu_tests_leave_cuda_alone(request):
     yield

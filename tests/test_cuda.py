@@ -178,22 +178,8 @@ def test_syncbn_over_two_processes_is_batchnorm_over_their_joint_batch(tmp_path)
                 assert torch.equal(r["buffers"][n], b.cpu()), n
 
 
-@pytest.fixture
-def global_settings_restored():
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
-             torch.backends.cuda.cudnn_sdp_enabled())
-    yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2:4]
-    torch.backends.cuda.enable_flash_sdp(saved[4])
-    torch.backends.cuda.enable_mem_efficient_sdp(saved[5])
-    torch.backends.cuda.enable_cudnn_sdp(saved[6])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_attention_backward_is_deterministic_under_deterministic(dtype, global_settings_restored):
+def test_attention_backward_is_deterministic_under_deterministic(dtype, kernel_settings_restored):
     """--deterministic routes attention to SDPA's math kernel, whose backward sums in a fixed order: the same
     gradients, bit for bit, on every run (the fused kernels' backward adds atomically, in any order)."""
     distributed.seed_and_configure(0, True, CUDA)

@@ -57,27 +57,14 @@ def test_devices_by_name(monkeypatch):
         distributed.pick_device("cuda:0", local_rank=0, world=2)
 
 
-def test_deterministic_mode_computes_attention_with_the_math_kernel():
+def test_deterministic_mode_computes_attention_with_the_math_kernel(kernel_settings_restored):
     """torch's fused attention kernels have a non-deterministic backward under warn_only; only the math kernel is
     left on (the flags are global settings: nothing runs on a GPU here)."""
-    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
-             torch.backends.cuda.cudnn_sdp_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    try:
-        distributed.seed_and_configure(0, True, torch.device("cuda", 0))
-        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-        assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled() or
-                    torch.backends.cuda.cudnn_sdp_enabled())
-        assert torch.backends.cuda.math_sdp_enabled()
-    finally:
-        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags[2:4]
-        torch.backends.cuda.enable_flash_sdp(flags[4])
-        torch.backends.cuda.enable_mem_efficient_sdp(flags[5])
-        torch.backends.cuda.enable_cudnn_sdp(flags[6])
-        if flags[7] is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    distributed.seed_and_configure(0, True, torch.device("cuda", 0))
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled() or
+                torch.backends.cuda.cudnn_sdp_enabled())
+    assert torch.backends.cuda.math_sdp_enabled()
 
 
 def test_slurm_tasks_without_torchrun_are_refused(monkeypatch):
