@@ -93,14 +93,15 @@ class Bridger(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, i, vis, txt, prev_zoomed=None):
-        """Stage i: f_v^i [B, C, H, W] and f_t^i [B, L, Dt] -> the residuals added to them (same shapes), and this
-        stage's zoomed-in pair (v, t) at width d, which the next stage adds to its own (`prev_zoomed`)."""
+        """Stage i (0, 1, 2): the image map and the words after it, F_v^{i+2} [B, C, H, W] and F_t^{i+2} [B, L, Dt]
+        (the paper's prose counts the stages from 2) -> the residuals added to them (same shapes), and this stage's
+        zoomed-in pair (v, t) at width d, which the next stage adds to its own (`prev_zoomed`)."""
         s = str(i)
-        v = self.zoom_in[s](vis)  # ZL_in, into the Bridger's width: hat F_v^i [B, d, h, w]
+        v = self.zoom_in[s](vis)  # ZL_in, into the Bridger's width: hat F_v^{i+2} [B, d, h, w]
         h, w = v.shape[-2:]
         v = v.flatten(2).transpose(1, 2)  # [B, hw, d]
         t = self.linear1[s](txt)  # the words into the Bridger's width: [B, L, d]
-        if prev_zoomed is not None:
+        if prev_zoomed is not None:  # the stage link, at width d (docs/paper_vs_code.md, entry 5)
             v = self.ln_v[str(i - 1)](v + prev_zoomed[0])
             t = self.ln_t[str(i - 1)](t + prev_zoomed[1])
         zoomed = (v, t)

@@ -14,37 +14,51 @@ from dataclasses import asdict
 
 import torch
 
+from clip_loader import is_torchscript_archive
 from errors import UserError
 from model import ETRISConfig, build_model, model_from_config
+
+
+# what each command line accepts as a trained ETRIS model, for the errors that refuse something else
+ACCEPTED = ("a checkpoint that train.py writes (best.pth or last.pth, in exp/<data>/<backbone>/) or an authors' "
+            "release (github.com/kkakkkka/ETRIS; with --backbone and --clip-weights)")
+
+
+# what checkpoint_kind's answers are, for the errors that refuse a file
+KINDS = {"clip": "a CLIP weights file (pass it as --clip-weights)", "etris-authors": "an authors' release",
+         "unreadable": "not a readable torch file (a truncated download or copy?)",
+         "unknown": "a torch file, but neither ours nor an authors' checkpoint"}
 
 
 def read_checkpoint(path, mmap=False):
     """torch.load without running arbitrary pickled code. The authors' files also pickle their MultiStepLR state,
     whose milestones are a collections.Counter: the one non-tensor type allowed."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found")
+        raise UserError(f"checkpoint {path} not found: give {ACCEPTED}")
     with torch.serialization.safe_globals([collections.Counter]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:
-            raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint, or it pickles objects other "
-                            f"than tensors and plain containers ({e})") from None
+            if not zipfile.is_zipfile(path):  # what torch.save writes, with its index at the end
+                reason = "not a complete torch file: a truncated download or copy, or no checkpoint at all"
+            else:
+                lines = [ln for ln in str(e).splitlines() if "Unsupported global" in ln] or [type(e).__name__]
+                reason = f"it pickles objects other than tensors and plain containers: {lines[0].strip()}"
+            raise UserError(f"cannot read checkpoint {path}: {reason}; copy it again, or give {ACCEPTED}") from None
 
 
 def checkpoint_kind(path):
-    """'clip' (OpenAI archive or CLIP state dict), 'etris' (ours), 'etris-authors' (their release) or 'unknown'.
-    Turns a file passed to the wrong option into one clear error."""
+    """'clip' (OpenAI archive or CLIP state dict), 'etris' (ours), 'etris-authors' (their release), 'unreadable' (not
+    a torch file, or a truncated one) or 'unknown' (a torch file of something else). Turns a file passed to the wrong
+    option into one clear error."""
     if not os.path.isfile(path):
         raise UserError(f"no file at {path!r}")
-    is_zip = zipfile.is_zipfile(path)
-    if is_zip:
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith("constants.pkl") for n in z.namelist()):
-                return "clip"  # a TorchScript archive: OpenAI's release format
+    if is_torchscript_archive(path):
+        return "clip"  # OpenAI's release format
     try:
-        obj = read_checkpoint(path, mmap=is_zip)
+        obj = read_checkpoint(path, mmap=zipfile.is_zipfile(path))
     except UserError:
-        return "unknown"
+        return "unreadable"
     if not isinstance(obj, dict):
         return "unknown"
     if "config" in obj and "model" in obj:
@@ -127,12 +141,16 @@ def saved_config(ckpt, path):
 def load_model(checkpoint, backbone=None, clip_weights=None, input_size=416, word_len=17, device="cpu"):
     """ETRIS rebuilt from a checkpoint, in eval mode. Ours carry their config; the authors' carry none, so
     `backbone` (and `clip_weights`, unless OpenAI's file is found by name) must be given."""
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} not found: give {ACCEPTED}")
     kind = checkpoint_kind(checkpoint)
     if kind == "clip":
         raise UserError(f"{checkpoint!r} is a CLIP weights file, not an ETRIS checkpoint: pass it as --clip-weights "
                         f"and give the trained ETRIS checkpoint as --checkpoint")
+    if kind == "unreadable":
+        read_checkpoint(checkpoint)  # raises, with the reason
     if kind == "unknown":
-        raise UserError(f"{checkpoint!r} is neither one of our ETRIS checkpoints nor an authors' release")
+        raise UserError(f"{checkpoint!r} is a torch file but not a trained ETRIS model: give {ACCEPTED}")
     if kind == "etris":
         ckpt = read_checkpoint(checkpoint)
         config = saved_config(ckpt, checkpoint)

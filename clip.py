@@ -85,19 +85,24 @@ def _buffers_kept(module):
 
 def run_blocks(blocks, x, grad_checkpointing, *args):
     """x through blocks (each called as block(x, *args)). With grad_checkpointing, each block's activations are
-    recomputed in backward instead of kept (less memory, same numbers). In eager mode a train-mode BatchNorm must
-    then not update its running statistics a second time during the recomputation, so its buffers are put back
-    afterwards. Under torch.compile nothing needs putting back (AOTAutograd applies buffer updates once, after
-    the forward graph, and recomputes only pure ops), and dynamo cannot trace such a context_fn."""
+    recomputed in backward instead of kept (less memory, same numbers)."""
     for block in blocks:
         if not (grad_checkpointing and torch.is_grad_enabled()):
             x = block(x, *args)
-        elif torch.compiler.is_compiling():
-            x = checkpoint(block, x, *args, use_reentrant=False)
+        elif torch.compiler.is_compiling() and next(block.buffers(), None) is None:
+            x = checkpoint(block, x, *args, use_reentrant=False)  # a block without state: traced as it is
         else:
-            keep = functools.partial(_buffers_kept, block)
-            x = checkpoint(block, x, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), keep()))
+            x = _checkpoint_keeping_buffers(block, x, *args)
     return x
+
+
+@torch.compiler.disable  # dynamo cannot trace the context_fn, so this runs eagerly inside a compiled model too
+def _checkpoint_keeping_buffers(block, x, *args):
+    """A checkpointed block whose train-mode BatchNorms must not update their running statistics a second time when
+    backward recomputes them: its buffers are put back after the recomputation. (Under torch.compile, AOTAutograd
+    applies such updates again in the recomputation up to torch 2.7 at least; measured.)"""
+    keep = functools.partial(_buffers_kept, block)
+    return checkpoint(block, x, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), keep()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,22 +375,28 @@ def resize_pos_embed(pos, grid):
     return torch.cat([pos[:1], spatial[0].flatten(1).t()], dim=0)
 
 
+def check_image_size(input_size, vision_patch_size):
+    """A ViT takes a multiple of its patch size; a ResNet a multiple of 32, its last stage's stride (the Bridger and
+    HA zoom layer4 up to layer3's stride 16, which must give layer3's size)."""
+    step = vision_patch_size or 32
+    what = f"the ViT patch size {step}" if vision_patch_size else "32, the ResNet's stride"
+    if input_size < step or input_size % step:
+        raise ValueError(f"input size {input_size} is not a multiple of {what}")
+
+
 def build_clip(state_dict, input_size):
     """CLIP (fp32) with the architecture and weights of `state_dict` (OpenAI key names) and, for a ViT, a
     positional embedding for input_size images. `visual.attnpool.connect` (ResNet only) is not in CLIP weights
     and keeps PyTorch's default init; ETRIS checkpoints carry it."""
     cfg = clip_config(state_dict)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items() if k not in NON_WEIGHT_KEYS}
+    check_image_size(input_size, cfg["vision_patch_size"])
     if cfg["vision_patch_size"] is not None:
         patch = cfg["vision_patch_size"]
-        if input_size % patch:
-            raise ValueError(f"input_size {input_size} is not a multiple of the ViT patch size {patch}")
         if input_size // patch != cfg["vision_grid"]:
             sd["visual.positional_embedding"] = resize_pos_embed(sd["visual.positional_embedding"],
                                                                  input_size // patch)
         cfg["vision_grid"] = input_size // patch
-    elif input_size % 32:
-        raise ValueError(f"input_size {input_size} must be a multiple of 32 for a ResNet backbone")
     model = CLIP(**cfg)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)

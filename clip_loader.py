@@ -8,10 +8,12 @@ import hashlib
 import os
 import tempfile
 import urllib.request
+import warnings
+import zipfile
 
 import torch
 
-from clip import CLIP, clip_config
+from clip import CLIP, check_image_size, clip_config
 from errors import UserError
 
 # OpenAI's release; the SHA-256 of each file is the path component before its name.
@@ -41,6 +43,15 @@ BACKBONES = tuple(ARCHITECTURES)
 def check_backbone(name):
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}: valid backbones are {', '.join(BACKBONES)}")
+
+
+def check_input_size(backbone, input_size):
+    """--input-size against the patch size (ViT) or stride (ResNet) of the backbone's OpenAI architecture."""
+    try:
+        check_image_size(input_size, ARCHITECTURES[backbone]["vision_patch_size"])
+    except ValueError as e:
+        raise UserError(f"--input-size {input_size} does not fit backbone {backbone}: {e}; 416 is the paper's") \
+            from None
 
 
 def random_clip_state_dict(architecture, seed=0, **changes):
@@ -117,10 +128,26 @@ def fetch_openai_weights(name, cache_dir=None):
     return target
 
 
+def is_torchscript_archive(path):
+    """OpenAI's release format: a zip archive holding TorchScript's constants.pkl."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") for n in z.namelist())
+
+
 def _read_state_dict(path):
-    try:  # OpenAI's release: TorchScript archives with fp16 weights
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception:
+    if is_torchscript_archive(path):  # OpenAI's release, with fp16 weights
+        with warnings.catch_warnings():
+            # only torch.jit.load reads TorchScript, which torch deprecates with a warning on every call (a
+            # DeprecationWarning, hidden by default, up to 2.13; a FutureWarning, shown, from 2.14)
+            warnings.filterwarnings("ignore", r"`torch\.jit\.load` is (deprecated|not supported)")
+            try:
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
+            except Exception as e:
+                raise UserError(f"{path} is a TorchScript archive that torch.jit.load cannot read ({e}): download "
+                                f"the file again") from None
+    else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:

@@ -1,7 +1,8 @@
 """Referring-segmentation data for ETRIS: RefCOCO, RefCOCO+, RefCOCOg (umd / google), and the synthetic set of
 synthetic.py behind the same interface.
 
-Implements the data side of the paper's experiments (Sec. 4.1) exactly as the authors' pipeline
+Implements the data side of the paper's experiments (the datasets of Sec. 4.1; the 416 px input and the 17 / 22
+tokens of Sec. 4.2) exactly as the authors' pipeline
 (CRIS/ETRIS `utils/dataset.py`, `tools/data_process.py`, `tools/refer.py`) does it:
   - letterbox every image to input_size x input_size by an affine warp (scale = min(S/h, S/w),
     centred; image: cubic, border = CLIP mean * 255; mask: linear, then /255), RGB, CLIP mean/std;
@@ -518,6 +519,13 @@ def collate(samples):
 
 def _worker_init(worker_id):
     cv2.setNumThreads(0)  # one decoding thread per worker, as the authors; workers are the parallelism
+
+
+def default_workers():
+    """Data-loader workers per process when --workers is not given: the CPUs this process may use, shared by the
+    node's processes (torchrun's LOCAL_WORLD_SIZE), at least 1 and at most 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def build_loader(dataset, batch_size, workers=0, sampler=None, shard=(0, 1), pin_memory=False, seed=0):

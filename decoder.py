@@ -26,7 +26,7 @@ class CoordConv(nn.Module):
         # float32 coordinates, as the authors', whatever the input's dtype
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device),
                                 torch.linspace(-1, 1, W, device=x.device), indexing="ij")
-        coords = torch.stack([xs, ys]).to(x.dtype).expand(B, -1, -1, -1)  # [B, 2, H, W]
+        coords = torch.stack([xs, ys]).to(x.dtype).expand(B, -1, -1, -1)  # F_coord [B, 2, H, W] (the paper: C channels)
         return self.conv1(torch.cat([x, coords], dim=1))
 
 
@@ -47,7 +47,7 @@ class HA(nn.Module):
         self.aggr = conv_bn_relu(3 * dim, dim, 1, 0)
         self.coordconv = nn.Sequential(CoordConv(dim, dim), conv_bn_relu(dim, dim, 3, 1))
 
-    def forward(self, maps, sentence):  # maps: f_v^1..3, 3 x [B, C_i, h_i, w_i]; sentence: f_s [B, E]
+    def forward(self, maps, sentence):  # maps: f_v^1..3 (after the Bridger), 3 x [B, C_i, h_i, w_i]; f_s [B, E]
         txt = self.txt_proj(sentence).unsqueeze(1)  # [B, 1, dim]
         levels = []
         for proj, fusion, x in zip((self.f3_proj, self.f4_proj, self.f5_proj),
@@ -57,7 +57,7 @@ class HA(nn.Module):
             # one key (the sentence): attention weights of 1, so this gates each channel by the sentence
             levels.append(flat_to_map(fusion(x.flatten(2).transpose(1, 2), txt), h, w))
         fused = self.aggr(torch.cat(levels, dim=1))  # F_m [B, dim, S/16, S/16]
-        return self.coordconv(fused)  # F_v: F_m with F_coord, through two 3x3 convs [B, dim, S/16, S/16]
+        return self.coordconv(fused)  # F_v: F_m and F_coord (CoordConv), two 3x3 convs [B, dim, S/16, S/16]
 
 
 def sine_pos_1d(dim, length):

@@ -7,9 +7,11 @@ nothing here starts processes. Past one machine, torchrun runs once per node (do
 machine"). Decisions that read a disk (is there a checkpoint to resume?) are taken by rank 0 and broadcast, since
 each node sees its own disks.
 """
+import itertools
 import os
 import random
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from errors import UserError, job_store
 
 
 @dataclass
@@ -32,11 +34,16 @@ class Process:
         return self.rank == 0
 
 
+def default_device():
+    """What --device means when it is not given: CUDA wherever there is a GPU, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def pick_device(name, local_rank=0, world=1):
-    """A torch device from a --device string ('cpu', 'cuda', 'cuda:1'; None: CUDA if there is one). Under torchrun
+    """A torch device from a --device string ('cpu', 'cuda', 'cuda:1'; None: default_device()). Under torchrun
     'cuda' means this process's GPU, cuda:LOCAL_RANK."""
     if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = default_device()
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -109,12 +116,12 @@ def broadcast(obj):
     return box[0]
 
 
-def gather(obj, group=None):
-    """[obj of rank 0, obj of rank 1, ...] on every process (of `group`, default all)."""
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -124,24 +131,40 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def on_each_node_first(fn):
-    """fn() on the first process of each node (a download into a node's cache, say), then on the others, which
-    find its result in place. The others wait in a gloo group of its own with a week's timeout, not in the
-    default group (NCCL's times out after 10 minutes): no download is too slow. A failure is raised on every
-    process, so that none waits for the others forever."""
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    group = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if dist.is_initialized() else None
-    result, error = None, None
-    for turn in (True, False):
-        if first == turn:
-            try:
-                result = fn()
-            except UserError as e:
-                error = str(e)
-        errors = [e for e in gather(error, group) if e is not None]
-        if errors:
-            raise UserError(errors[0])
-    return result
+_node_first_calls = itertools.count()
+
+
+def on_each_node_first(fn, poll_s=0.5, patience=timedelta(days=7)):
+    """fn() on the first process of each node (a download into the node's cache, say), then on the node's other
+    processes, which find its result in place. They wait for it on the job's store (errors.job_store), which every
+    process reached to join the process group: no second transport to connect across nodes, and no collective
+    with a timeout, so no download is too slow. The first process leaves its outcome there, a failure included,
+    so that none of the others waits for ever."""
+    if not dist.is_initialized():
+        return fn()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    first = dist.get_rank() - local_rank  # torchrun numbers the processes of a node consecutively
+    key = f"node-first/{next(_node_first_calls)}/{first}"  # every process makes the same calls in the same order
+    store = job_store(timedelta(minutes=5))
+    if local_rank == 0:
+        try:
+            result = fn()
+        except BaseException as e:
+            store.set(key, str(e) if isinstance(e, UserError) else
+                      f"rank {first}, the first process of this node, failed ({type(e).__name__}: {e}); see its "
+                      f"traceback")
+            raise
+        store.set(key, "")
+        return result
+    deadline = time.monotonic() + patience.total_seconds()
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise UserError(f"rank {first}, the first process of this node, did not finish in {patience}")
+        time.sleep(poll_s)
+    failure = store.get(key).decode()
+    if failure:
+        raise UserError(failure)
+    return fn()
 
 
 def check_shared_dir(path):

@@ -13,7 +13,6 @@ overall IoU (sum of intersections / sum of unions) and Prec@0.5..0.9 (fraction o
 The helpers here (masks_to_original, iou_stats, summarize, evaluate) are also what train.py's per-epoch
 validation and predict.py use.
 """
-import argparse
 import json
 import os
 
@@ -24,9 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from checkpoint import load_model
-from dataset import CLIP_MEAN, CLIP_STD, DATASETS, WORD_LEN, build_dataset, build_loader
-from errors import UserError, run_cli
+from checkpoint import ACCEPTED, load_model
+from clip_loader import BACKBONES, check_backbone, check_input_size
+from dataset import CLIP_MEAN, CLIP_STD, DATASETS, WORD_LEN, build_dataset, build_loader, default_workers
+from errors import ArgumentParser, UserError, number, run_cli
 
 # Prec@X as the authors count it: their thresholds are torch.arange(0.5, 1.0, 0.1), float32 values compared with
 # float64 IoUs, so 0.7 is 0.699999988 there and an IoU of exactly 7/10 counts for Prec@0.7
@@ -153,41 +153,79 @@ def evaluate(net, loader, device, threshold=0.35, interpolation="bicubic", visua
     return out
 
 
-def write_overlay(vis_dir, index, sentence_idx, image, inverse, orig_size, pred, gt, sentence, iou):
-    """One PNG: the (un-letterboxed) image with prediction in red, ground-truth outline in green, text."""
+def write_overlay(vis_dir, index, sentence_idx, image, inverse, orig_size, pred, gt, sentence, iou, prefix=""):
+    """One PNG, <prefix><index>_<sentence>.png: the (un-letterboxed) image with the prediction filled and the
+    ground truth outlined (overlay), the IoU and sentence above it, and a legend."""
     h, w = int(orig_size[0]), int(orig_size[1])
     rgb = image.permute(1, 2, 0).numpy() * np.array(CLIP_STD) + np.array(CLIP_MEAN)
     rgb = np.clip(rgb * 255.0, 0, 255).astype(np.float32)
     rgb = cv2.warpAffine(rgb, np.asarray(inverse, dtype=np.float64), (w, h), flags=cv2.INTER_CUBIC)
-    canvas = overlay(cv2.cvtColor(np.clip(rgb, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR), pred, gt)
-    caption = f"IoU {100 * iou:.1f}: {sentence}"
-    canvas = add_caption(canvas, caption)
+    bgr = cv2.cvtColor(np.clip(rgb, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+    colours = overlay_colours(bgr, pred, gt)
+    canvas = add_caption(overlay(bgr, pred, gt, colours), f"IoU {100 * iou:.1f}: {sentence}", legend=colours)
     os.makedirs(vis_dir, exist_ok=True)
-    cv2.imwrite(os.path.join(vis_dir, f"{index:06d}_{sentence_idx}.png"), canvas)
+    cv2.imwrite(os.path.join(vis_dir, f"{prefix}{index:06d}_{sentence_idx}.png"), canvas)
 
 
-def overlay(bgr, pred, gt=None):
-    """bgr uint8 [H,W,3]; pred bool [H,W] tinted red; gt (optional) drawn as a green outline."""
-    out = bgr.astype(np.float32)
+# overlay colours (BGR): magenta, cyan, yellow, lime, blue, red. The prediction and the ground truth each take the
+# one farthest from the pixels they cover, so that both stay visible on an object of any colour
+OVERLAY_PALETTE = ((255, 0, 255), (255, 255, 0), (0, 255, 255), (0, 255, 0), (255, 64, 0), (0, 0, 255))
+
+
+def overlay_colours(bgr, pred, gt=None):
+    """The colours overlay() draws with, as a legend for add_caption: {'prediction': (bgr, 'fill'), 'ground truth':
+    (bgr, 'outline')}. Each is the palette colour farthest (10th percentile of the RGB distances) from the pixels
+    under the prediction / along the ground truth's outline; the two always differ."""
+    def farthest(region, exclude=None):
+        pixels = bgr[region].reshape(-1, 3).astype(np.float32)[::max(1, int(region.sum()) // 4096)]
+        choices = [c for c in OVERLAY_PALETTE if c != exclude]
+        if not len(pixels):
+            return choices[0]
+        return max(choices, key=lambda c: np.percentile(np.linalg.norm(pixels - np.float32(c), axis=1), 10))
+    fill = farthest(np.asarray(pred, dtype=bool))
+    legend = {"prediction": (fill, "fill")}
+    if gt is not None:
+        gt = (np.asarray(gt) > 0).astype(np.uint8)
+        ring = cv2.dilate(gt, np.ones((5, 5), np.uint8)) != cv2.erode(gt, np.ones((5, 5), np.uint8))
+        legend["ground truth"] = (farthest(ring, exclude=fill), "outline")
+    return legend
+
+
+def overlay(bgr, pred, gt=None, colours=None):
+    """bgr uint8 [H,W,3]; pred bool [H,W] filled half-transparent, with a solid edge; gt (optional) outlined 2 px.
+    Colours from overlay_colours (default: computed here): visible on any object colour (a red prediction on a red
+    object is not red)."""
+    colours = colours or overlay_colours(bgr, pred, gt)
     pred = np.asarray(pred, dtype=bool)
-    out[pred] = 0.5 * out[pred] + 0.5 * np.array([0, 0, 255], np.float32)
+    fill = np.array(colours["prediction"][0], np.float32)
+    out = bgr.astype(np.float32)
+    out[pred] = 0.5 * out[pred] + 0.5 * fill
     out = out.astype(np.uint8)
+    contours, _ = cv2.findContours(pred.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, colours["prediction"][0], 1)
     if gt is not None:
         contours, _ = cv2.findContours((np.asarray(gt) > 0).astype(np.uint8), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, (0, 255, 0), 2)
+        cv2.drawContours(out, contours, -1, colours["ground truth"][0], 2)
     return out
 
 
-def add_caption(bgr, text, min_width=384):
-    """A black band above the image with `text` (cv2 fonts are ASCII only); small images are enlarged first
-    (nearest) so the caption fits and the mask stays visible."""
+def add_caption(bgr, text, min_width=384, legend=None):
+    """A black band above the image with `text` (cv2 fonts are ASCII only) and, if given, a legend line
+    (overlay_colours: a filled or outlined swatch per entry); small images are enlarged first (nearest) so the
+    caption fits and the mask stays visible."""
     if bgr.shape[1] < min_width:
         f = min_width / bgr.shape[1]
         bgr = cv2.resize(bgr, (min_width, max(1, round(bgr.shape[0] * f))), interpolation=cv2.INTER_NEAREST)
     text = text.encode("ascii", "replace").decode()
-    band = np.zeros((28, bgr.shape[1], 3), np.uint8)
+    band = np.zeros((28 + (24 if legend else 0), bgr.shape[1], 3), np.uint8)
     cv2.putText(band, text, (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    x = 4
+    for label, (colour, style) in (legend or {}).items():
+        cv2.rectangle(band, (x, 32), (x + 22, 46), colour, -1 if style == "fill" else 2)
+        cv2.putText(band, f"{label} ({style})", (x + 28, 45), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+        x += 40 + cv2.getTextSize(f"{label} ({style})", cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0]
     return np.concatenate([band, bgr], axis=0)
 
 
@@ -195,27 +233,41 @@ def add_caption(bgr, text, min_width=384):
 # command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate ETRIS with the authors' protocol.")
-    p.add_argument("--data", default="refcoco", choices=sorted(DATASETS))
-    p.add_argument("--split", default="val")
-    p.add_argument("--data-root", default="./datasets")
+    p = ArgumentParser(description="Evaluate ETRIS with the authors' protocol.")
+    p.add_argument("--data", default="refcoco", choices=sorted(DATASETS), help="dataset (see README: Data)")
+    p.add_argument("--split", default="val", help="a split of --data: " + "; ".join(
+        f"{name} {', '.join(d['splits'])}" for name, d in sorted(DATASETS.items())))
+    p.add_argument("--data-root", default="./datasets", help="folder holding images/ and the annotations")
     p.add_argument("--checkpoint", default=None,
                    help="default: exp/<data>/<backbone>/best.pth (backbone default ViT-B/16)")
-    p.add_argument("--backbone", default=None, help="required for the authors' checkpoints")
+    p.add_argument("--backbone", default=None, help=f"required for the authors' checkpoints: one of "
+                                                    f"{', '.join(BACKBONES)} (ours carry it)")
     p.add_argument("--clip-weights", default=None, help="CLIP archive/state dict (default: by name)")
-    p.add_argument("--input-size", type=int, default=416, help="authors' checkpoints only (ours: in config)")
-    p.add_argument("--batch-size", type=int, default=8, help="refs per forward per process")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--input-size", type=number(int, 1), default=None,
+                   help="authors' checkpoints only, default 416 (ours carry theirs)")
+    p.add_argument("--batch-size", type=number(int, 1), default=8, help="refs per forward per process")
+    p.add_argument("--workers", type=number(int, 0), default=default_workers(),
+                   help="data loader workers per process (default: the CPUs this process may use, shared by the "
+                        "node's processes, at most 4: %(default)s here)")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images/masks, count them, report")
-    p.add_argument("--threshold", type=float, default=0.35)
-    p.add_argument("--interpolation", default="bicubic", choices=sorted(CV2_INTERPOLATION))
-    p.add_argument("--num-samples", type=int, default=None, help="only the first N refs (quick runs)")
-    p.add_argument("--visualize", type=int, default=0, metavar="N", help="write N overlay PNGs (rank 0)")
+    p.add_argument("--threshold", type=number(float, 0, 1, low_open=True, high_open=True), default=0.35,
+                   help="on the sigmoid of the logits")
+    p.add_argument("--interpolation", default="bicubic", choices=sorted(CV2_INTERPOLATION),
+                   help="of the upsampling and the inverse letterbox warp")
+    p.add_argument("--num-samples", type=number(int, 1), default=None,
+                   help="only the first N refs (quick runs; default: all)")
+    p.add_argument("--visualize", type=number(int, 0), default=0, metavar="N", help="write N overlay PNGs (rank 0)")
     p.add_argument("--output", default=None, help="JSON path (default: eval_<data>_<split>.json next to it)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     args = p.parse_args(argv)
     if args.split not in DATASETS[args.data]["splits"]:
         p.error(f"--split {args.split!r} is not a split of {args.data}: {', '.join(DATASETS[args.data]['splits'])}")
+    if args.backbone is not None:
+        check_backbone(args.backbone)
+        if args.clip_weights is None and args.input_size is not None:
+            check_input_size(args.backbone, args.input_size)
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file; give {ACCEPTED}")
     return args
 
 
@@ -224,10 +276,14 @@ def main(argv=None):
     proc = distributed.setup(args.device)
     checkpoint = args.checkpoint or os.path.join("exp", args.data, (args.backbone or "ViT-B/16").replace("/", "-"),
                                                  "best.pth")
-    if not os.path.isfile(checkpoint):
+    if not os.path.isfile(checkpoint):  # the default path: nothing trained there yet
         raise UserError(f"no checkpoint at {checkpoint}: train one first (python train.py --data {args.data} ...), "
                         f"or pass --checkpoint PATH; an authors' release also needs --backbone and --clip-weights")
-    net = load_model(checkpoint, args.backbone, args.clip_weights, args.input_size, WORD_LEN[args.data], proc.device)
+    net = load_model(checkpoint, args.backbone, args.clip_weights, args.input_size or 416, WORD_LEN[args.data],
+                     proc.device)
+    if args.input_size not in (None, net.config.input_size):
+        raise UserError(f"--input-size {args.input_size}: {checkpoint} was trained at {net.config.input_size} and is "
+                        f"evaluated at that size; drop --input-size")
     dataset = build_dataset(args.data, args.split, root=args.data_root, input_size=net.config.input_size,
                             word_len=net.config.word_len, mode="test", skip_bad=args.skip_bad,
                             num_samples=args.num_samples, verbose=proc.main)

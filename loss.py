@@ -1,5 +1,5 @@
 """
-ETRIS training loss (paper Sec. 3.3, the authors' code): binary cross-entropy with logits between the stride-4 mask
+ETRIS training loss (paper Sec. 3.4, the authors' code): binary cross-entropy with logits between the stride-4 mask
 logits and the ground-truth mask resized to the logits' size with nearest interpolation. The paper calls it
 text-to-pixel contrastive: the logits are the text kernel applied to pixel features.
 """

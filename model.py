@@ -11,6 +11,10 @@ checkpoints load strictly.
     logits = net(images, tokens)                                 # [B, 3, 416, 416], [B, 17] -> [B, 1, 104, 104]
 
     python model.py --backbone RN101     # Fig. 2 block by block: symbols, shapes, parameters (random weights)
+
+The walk takes 12-14 s for any of the three backbones at 416 px on a 2-core CPU VM with torch 2.13.0+cpu (11-13 s
+of CPU time; up to twice the wall time when the cores are shared): building the model on random weights of the
+real shapes, then one forward pass.
 """
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -102,22 +106,24 @@ class ETRIS(nn.Module):
         first stage of the image encoder, which has not met the text yet, run once per image."""
         self.check_inputs(tokens, image_index)
         clip = self.backbone
-        vis = clip.visual.embed(images)  # ViT: tokens [N, 1 + hw, C]; ResNet: [N, C, S/4, S/4]
+        vis = clip.visual.embed(images)  # ViT: tokens [N, 1 + hw, C]; ResNet: stem and layer1, [N, C, S/4, S/4]
         txt = clip.embed_text(tokens)  # [B, L, Dt]
         maps, zoomed = [], None
-        for i in range(3):  # each encoder's thirds (ResNet: layer2, layer3, layer4)
+        # stage i = 0, 1, 2: each encoder's thirds (ResNet: layer2, layer3, layer4). The paper's prose counts these
+        # stages from 2 (F_v^2 .. F_v^4), its figure labels HA's inputs from 1 (f_v^1 .. f_v^3)
+        for i in range(3):
             vis = clip.visual.stage(i, vis)
-            txt = clip.text_stage(i, txt)  # f_t^i, the words after text stage i: [B, L, Dt]
+            txt = clip.text_stage(i, txt)  # F_t^{i+2}: the words after text stage i, to the Bridger [B, L, Dt]
             if i == 0 and image_index is not None:
                 vis = vis[image_index]  # one row per sentence from here on
-            vis_map = clip.visual.feature_map(vis)  # f_v^i, the image after stage i: [B, C_i, h_i, w_i]
+            vis_map = clip.visual.feature_map(vis)  # F_v^{i+2}: stage i's image, to the Bridger [B, C_i, h_i, w_i]
             if i in self.bridger.stages:  # the two streams exchange through the Bridger
                 dv, dt, zoomed = self.bridger(i, vis_map, txt, zoomed)
-                vis, vis_map = clip.visual.add_residual(vis, vis_map, dv)
+                vis, vis_map = clip.visual.add_residual(vis, vis_map, dv)  # the residuals go into the next stage
                 txt = txt + dt
             if i < 2:
-                maps.append(vis_map)
-        maps.append(clip.visual.output_map(vis))  # f_v^3 in CLIP's joint space: [B, E, h, w]
+                maps.append(vis_map)  # f_v^{i+1}, HA's input: stage i's image after the Bridger's residual
+        maps.append(clip.visual.output_map(vis))  # f_v^3, HA's third: CLIP's output head on the last stage [B, E, h, w]
         words, sentence = clip.text_output(txt, tokens)  # f_t, the words [B, L, Dt]; f_s, the sentence [B, E]
         x = self.neck(maps, sentence)  # HA: F_v [B, Dt, S/16, S/16]
         x = self.decoder(x, words, tokens == 0)  # GA, padded words masked: F_c [B, Dt, S/16, S/16]
@@ -213,58 +219,78 @@ def format_parameter_counts(counts):
 # a walk through Fig. 2:  python model.py --backbone ViT-B/16 --input-size 416
 
 def fig2_blocks(net):
-    """Fig. 2's blocks in order, each a dict: block, symbol, the module whose input ("in") or output ("out") it
-    shows, and the parameters it owns (owners: modules or parameters; rest_of: what a module has left)."""
-    clip, bridger, vis, c = net.backbone, net.bridger, net.backbone.visual, net.config
-    vit, text_n = "ViT" in c.backbone, len(clip.transformer.third(0))
+    """Fig. 2's blocks in order, each a dict: block, symbol, the module whose input ("in") or output ("out") shows
+    it (pick: which tensor of that input or output), and the parameters it owns (owners: modules or parameters;
+    rest_of: what a module has left)."""
+    clip, vis, c = net.backbone, net.backbone.visual, net.config
+    vit = "ViT" in c.backbone
     rows = []
 
-    def add(block, symbol, module=None, side="out", owners=(), rest_of=None):
-        rows.append(dict(block=block, symbol=symbol, module=module, side=side, owners=owners, rest_of=rest_of))
-    add("image encoder: embedding", "", vis.blocks(0)[0], "in", rest_of=vis)
-    add("text encoder: embedding", "", clip.transformer.third(0)[0], "in", (clip.token_embedding,
-                                                                             clip.positional_embedding))
+    def add(block, symbol, module=None, side="out", owners=(), rest_of=None, pick=None):
+        rows.append(dict(block=block, symbol=symbol, module=module, side=side, owners=owners, rest_of=rest_of,
+                         pick=pick or (lambda x: x[0] if side == "in" else x)))
+    add("image encoder: patch embedding, class token, positions" if vit else "image encoder: stem and layer1", "",
+        vis.blocks(0)[0], "in", rest_of=vis)
+    add("text encoder: token and position embedding", "", clip.transformer.third(0)[0], "in",
+        (clip.token_embedding, clip.positional_embedding))
     for i in range(3):
-        n, s = len(vis.blocks(i)), str(i)
-        where = f"blocks {i * n + 1}-{i * n + n}" if vit else f"layer{i + 2}"
-        bridged = i in bridger.stages
-        add(f"stage {i + 1}: image encoder {where}", f"f_v^{i + 1}", bridger.zoom_in[s] if bridged else
-            vis.blocks(i)[-1], "in" if bridged else "out", vis.blocks(i))
-        add(f"stage {i + 1}: text encoder blocks {i * text_n + 1}-{i * text_n + text_n}", f"f_t^{i + 1}",
-            clip.transformer.third(i)[-1], "out", clip.transformer.third(i))
-        if bridged:  # from the second bridged stage on, a LayerNorm of this stage's + the previous zoomed-in pair
-            norms = [(m[str(i - 1)],) if str(i - 1) in m else () for m in (bridger.ln_v, bridger.ln_t)]
-            add("  Bridger ZL_in: image into width d", f"hat F_v^{i + 1}", bridger.zoom_in[s],
-                owners=(bridger.zoom_in[s], *norms[0]))
-            add("  Bridger: words into width d", "", bridger.linear1[s], owners=(bridger.linear1[s], *norms[1]))
-            add("  Bridger ITA: image reads words", "", bridger.fusion_v[s], owners=(bridger.fusion_v[s],))
-            add("  Bridger ITA: words read image", "", bridger.fusion_t[s], owners=(bridger.fusion_t[s],))
-            add(f"  Bridger ZL_out: added to f_v^{i + 1}", "", bridger.zoom_out[s], owners=(bridger.zoom_out[s],))
-            add(f"  Bridger: added to f_t^{i + 1}", "", bridger.linear2[s], owners=(bridger.linear2[s],))
-    add("image encoder: output head, to CLIP's joint space", "f_v^3 (HA input)", net.neck.f5_proj, "in",
-        (vis.ln_post, vis.proj) if vit else (vis.attnpool,))
+        stage_rows(net, i, add)
+    add("image encoder: output head on stage 3, HA's 3rd input", "f_v^3", net.neck, "in",
+        (vis.ln_post, vis.proj) if vit else (vis.attnpool,), pick=lambda args: args[0][2])
     add("text encoder: words (ln_final)", "f_t", clip.ln_final, owners=(clip.ln_final,))
     add("text encoder: sentence (end token, projected)", "f_s", net.neck.txt_proj, "in", (clip.text_projection,))
-    add("HA: hierarchical alignment (`neck`)", "F_v", net.neck, owners=(net.neck,))
+    ha = net.neck
+    add("HA: levels gated by f_s, concatenated, 1x1 conv", "F_m", ha.aggr, owners=(
+        ha.f3_proj, ha.f4_proj, ha.f5_proj, ha.fusion3, ha.fusion4, ha.fusion5, ha.txt_proj, ha.aggr))
+    add("HA: x, y coordinates, appended to F_m", "F_coord", ha.coordconv[0].conv1, "in",
+        pick=lambda args: args[0][:, -2:])
+    add("HA: 3x3 conv (CoordConv), 3x3 conv", "F_v", ha, owners=(ha.coordconv,))
+    add("GA reads the words (Fig. 2 draws f_s)", "f_t", net.decoder, "in", pick=lambda args: args[1])
     add("GA: global alignment (`decoder`)", "F_c", net.decoder, owners=(net.decoder,))
     add("Projector: pixel features", "Z_c", net.proj.vis, owners=(net.proj.vis,))
     add("Projector: text kernel and bias", "Z_t", net.proj.txt, owners=(net.proj.txt,))
     add("Projector: mask logits", "", net.proj)
-    add("CLIP parameters ETRIS does not use", "", rest_of=clip)
+    add("CLIP's logit_scale, which ETRIS does not use", "", owners=(clip.logit_scale,))
     return rows
 
 
-def shape_walk(net, sentence="the man on the left"):
-    """Fig. 2 block by block, for one image and `sentence`: a list of dicts (block, symbol, shape, trainable,
-    frozen). Each shape is recorded by a hook on the model's own module during one forward pass; each parameter
-    is counted in exactly one block."""
+def stage_rows(net, i, add):
+    """Stage i's rows of fig2_blocks: both encoders' blocks, the Bridger, and the map HA reads."""
+    bridger, vis, s = net.bridger, net.backbone.visual, str(i)
+    text_blocks, n = net.backbone.transformer.third(i), len(vis.blocks(i))
+    t0 = i * len(text_blocks)
+    where = f"layer{i + 2}" if "ViT" not in net.config.backbone else f"blocks {i * n + 1}-{i * n + n}"
+    bridged = i in bridger.stages
+    add(f"stage {i + 1}: image encoder {where}", f"F_v^{i + 2}", bridger.zoom_in[s] if bridged else
+        vis.blocks(i)[-1], "in" if bridged else "out", vis.blocks(i))
+    add(f"stage {i + 1}: text encoder blocks {t0 + 1}-{t0 + len(text_blocks)}", f"F_t^{i + 2}", text_blocks[-1],
+        owners=text_blocks)
+    if bridged:  # from the second bridged stage on, a LayerNorm of this stage's + the previous zoomed-in pair
+        norms = [(m[str(i - 1)],) if str(i - 1) in m else () for m in (bridger.ln_v, bridger.ln_t)]
+        link = " (+ stage link)" if norms[0] else ""
+        add(f"  Bridger ZL_in: image into width d{link}", f"hat F_v^{i + 2}", bridger.zoom_in[s],
+            owners=(bridger.zoom_in[s], *norms[0]))
+        add(f"  Bridger: words into width d{link}", "", bridger.linear1[s], owners=(bridger.linear1[s], *norms[1]))
+        add("  Bridger ITA: image reads words", "", bridger.fusion_v[s], owners=(bridger.fusion_v[s],))
+        add("  Bridger ITA: words read image", "", bridger.fusion_t[s], owners=(bridger.fusion_t[s],))
+        add("  Bridger ZL_out: residual into the image", "", bridger.zoom_out[s], owners=(bridger.zoom_out[s],))
+        add("  Bridger: residual into the words", "", bridger.linear2[s], owners=(bridger.linear2[s],))
+    if i < 2:
+        add(f"stage {i + 1}: image{' + residual' if bridged else ''}, HA's {('1st', '2nd')[i]} input",
+            f"f_v^{i + 1}", net.neck, "in", pick=lambda args: args[0][i])
+
+
+def shape_walk(net, sentence="the man on the left", image=None):
+    """Fig. 2 block by block, for one image (default: seeded noise) and `sentence`: a list of dicts (block, symbol,
+    shape, tensor, trainable, frozen). Each tensor is recorded by a hook on the model's own module during one
+    forward pass; each parameter is counted in exactly one block."""
     from tokenizer import tokenize
     rows, c = fig2_blocks(net), net.config
 
     def params(owners):
         return [p for o in owners for p in ([o] if isinstance(o, nn.Parameter) else o.parameters())]
     claimed = {id(p) for r in rows for p in params(r["owners"])}
-    hooks, shapes = [], {}
+    hooks, seen = [], {}
     for k, r in enumerate(rows):
         if r["rest_of"] is not None:
             r["owners"] = [p for p in r["rest_of"].parameters() if id(p) not in claimed]
@@ -273,45 +299,58 @@ def shape_walk(net, sentence="the man on the left"):
         r["trainable"] = sum(p.numel() for p in ps if p.requires_grad)
         r["frozen"] = sum(p.numel() for p in ps if not p.requires_grad)
 
-        def record(tensor, k=k):  # returns None: a hook's return value would replace the module's input or output
-            shapes.setdefault(k, tuple(tensor.shape))
+        def record(x, k=k, pick=r["pick"]):  # returns None: a hook's return value would replace the module's input
+            seen.setdefault(k, pick(x).detach().clone())
         if r["module"] is not None and r["side"] == "in":
-            hooks.append(r["module"].register_forward_pre_hook(lambda m, args, record=record: record(args[0])))
+            hooks.append(r["module"].register_forward_pre_hook(lambda m, args, record=record: record(args)))
         elif r["module"] is not None:
             hooks.append(r["module"].register_forward_hook(lambda m, args, out, record=record: record(out)))
+    if image is None:
+        image = torch.randn(1, 3, c.input_size, c.input_size, generator=torch.Generator().manual_seed(0))
     was_training = net.training
     try:
         with torch.no_grad():
-            net.eval()(torch.randn(1, 3, c.input_size, c.input_size), tokenize(sentence, c.word_len, truncate=True))
+            net.eval()(image, tokenize(sentence, c.word_len, truncate=True))
     finally:
         net.train(was_training)
         for h in hooks:
             h.remove()
-    return [dict(block=r["block"], symbol=r["symbol"], shape=shapes.get(k), trainable=r["trainable"],
-                 frozen=r["frozen"]) for k, r in enumerate(rows)]
+    return [dict(block=r["block"], symbol=r["symbol"], tensor=seen.get(k), trainable=r["trainable"],
+                 shape=None if k not in seen else tuple(seen[k].shape), frozen=r["frozen"])
+            for k, r in enumerate(rows)]
+
+
+WALK_NOTES = """
+F_v^k, F_t^k: the image and the words after stage k-1, before the Bridger, as the paper's prose counts stages (from
+2). f_v^1..f_v^3: HA's inputs as Fig. 2 labels them, after the Bridger's residual (f_v^3: CLIP's output head on
+stage 3). Rows that hold more than they say: "(+ stage link)" rows also own the LayerNorm over this stage's and the
+previous stage's zoomed-in input (the code's link between stages); a ResNet's "stem and layer1" row runs before any Bridger;
+logit_scale is CLIP's and unused."""
 
 
 def print_shape_walk(net, sentence="the man on the left"):
     c = net.config
     print(f"ETRIS with {c.backbone} at {c.input_size} px, one image and the sentence {sentence!r} in {c.word_len} "
-          f"tokens\n\n{'block':52} {'symbol':17} {'shape':19} {'trainable':>11} {'frozen':>12}")
+          f"tokens\n\n{'block':55} {'symbol':11} {'shape':19} {'trainable':>11} {'frozen':>12}")
     for r in shape_walk(net, sentence):
         shape = "" if r["shape"] is None else "[" + ", ".join(map(str, r["shape"])) + "]"
-        print(f"{r['block']:52} {r['symbol']:17} {shape:19} {r['trainable']:>11,} {r['frozen']:>12,}")
-    print("\n" + format_parameter_counts(parameter_counts(net)))
+        print(f"{r['block']:55} {r['symbol']:11} {shape:19} {r['trainable']:>11,} {r['frozen']:>12,}")
+    print(WALK_NOTES + "\n\n" + format_parameter_counts(parameter_counts(net)))
 
 
 def main(argv=None):
-    import argparse
-    from clip_loader import random_clip_state_dict
-    p = argparse.ArgumentParser(description="Print Fig. 2 block by block: symbols, shapes, parameters.")
-    p.add_argument("--backbone", default="ViT-B/16")
-    p.add_argument("--input-size", type=int, default=416)
-    p.add_argument("--word-len", type=int, default=17)
-    p.add_argument("--sentence", default="the man on the left")
+    from clip_loader import BACKBONES, check_input_size, random_clip_state_dict
+    from errors import ArgumentParser, number
+    p = ArgumentParser(description="Print Fig. 2 block by block: symbols, shapes, parameters.")
+    p.add_argument("--backbone", default="ViT-B/16", help=f"one of {', '.join(BACKBONES)}")
+    p.add_argument("--input-size", type=number(int, 1), default=416, help="the square the image is letterboxed to")
+    p.add_argument("--word-len", type=number(int, 1, 77), default=17, help="tokens per sentence")
+    p.add_argument("--sentence", default="the man on the left", help="the sentence tokenized for the walk")
     p.add_argument("--clip-weights", default=None, help="default: random weights of the real shapes (no download)")
     args = p.parse_args(argv)
     check_backbone(args.backbone)
+    if args.clip_weights is None:
+        check_input_size(args.backbone, args.input_size)
     weights = args.clip_weights or random_clip_state_dict(args.backbone)
     print_shape_walk(build_model(args.backbone, weights, args.input_size, args.word_len), args.sentence)
 

@@ -6,7 +6,6 @@ the folder the authors' code and other tools expect, checked as training checks 
 
     python prepare.py --root datasets --data refcoco --out datasets        # add --skip-bad to leave bad refs out
 """
-import argparse
 import json
 import os
 
@@ -17,7 +16,7 @@ from tqdm import tqdm
 from coco_mask import segmentation_to_mask
 from dataset import (DATASETS, _bad_entry, _image_dir, _raise_bad, _read_refer, _record_problem, _split_size_line,
                      _who, check_image_file)
-from errors import UserError, run_cli
+from errors import ArgumentParser, UserError, run_cli
 
 
 def _coco_cat(cat):
@@ -105,10 +104,10 @@ def _write_mask(rec, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='Write the prepared folder (anns/, masks/) from the REFER release.')
+    p = ArgumentParser(description='Write the prepared folder (anns/, masks/) from the REFER release.')
     p.add_argument('--root', required=True, help='the folder holding the REFER release and images/train2014')
-    p.add_argument('--data', required=True, choices=[d for d in DATASETS if d != 'synthetic'])
-    p.add_argument('--out', required=True)
+    p.add_argument('--data', required=True, choices=[d for d in DATASETS if d != 'synthetic'], help='the dataset')
+    p.add_argument('--out', required=True, help='the folder to write anns/ and masks/ into')
     p.add_argument('--skip-bad', action='store_true',
                    help='leave out refs with bad data (missing or truncated image, bad segmentation, empty '
                         'sentence) and list them at the end, instead of stopping at the first')

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 import distributed
-from checkpoint import checkpoint_kind, load_checkpoint, read_checkpoint, save_checkpoint, saved_config
+from checkpoint import KINDS, checkpoint_kind, load_checkpoint, read_checkpoint, save_checkpoint, saved_config
 from errors import UserError
 
 
@@ -152,7 +152,7 @@ class Checkpoints:
                             f" for rank(s) {[r for r, ok in enumerate(seen) if not ok]}: give a path every node sees"))
         kind = checkpoint_kind(path)
         if kind != "etris":
-            raise UserError(f"--resume {path!r} is {_KINDS[kind]}, not a checkpoint written by train.py" +
+            raise UserError(f"--resume {path!r} is {KINDS[kind]}, not a checkpoint written by train.py" +
                             ("; --weights starts from its weights" if kind == "etris-authors" else ""))
         ckpt = read_checkpoint(path)
         old, new = ({k: v for k, v in c.items() if k != "clip_weights"}
@@ -179,7 +179,3 @@ class Checkpoints:
         if self.proc.main:
             print(f"resumed from {path}: epoch {self.progress.epoch + 1}, step {self.progress.step} of the epoch")
         return ckpt["epoch_sums"] if self.progress.step else None
-
-
-_KINDS = {"clip": "a CLIP weights file (pass it as --clip-weights)", "etris-authors": "an authors' release",
-          "unknown": "neither ours nor an authors' checkpoint"}

@@ -1,9 +1,10 @@
 """
-Training of ETRIS (paper Sec. 4.1; the authors' train.py and engine.train, from CRIS). The CLIP encoders stay frozen
+Training of ETRIS (paper Sec. 4.2; the authors' train.py and engine.train, from CRIS). The CLIP encoders stay frozen
 except their positional embeddings; the Bridger, HA, GA and the Projector are trained with BCE on the stride-4
-logits. The defaults are the paper's: Adam lr 1e-4, no weight decay, MultiStepLR x0.1 at epoch 35, 50 epochs, a
-global batch of 32, fp16 AMP with GradScaler, SyncBN, seed 0. After every epoch the model is validated on the val
-split (sentence 0 of each ref, the full test protocol).
+logits. The defaults are the paper's (Adam lr 1e-4, x0.1 at epoch 35, 50 epochs, a batch of 32) and, where the
+paper says nothing, the authors' configs' (no weight decay, the batch of 32 split across the GPUs, fp16 AMP with
+GradScaler, SyncBN, seed 0). An epoch is one pass over the refs, each with one of its sentences drawn at random.
+After every epoch the model is validated on the val split (sentence 0 of each ref, the full test protocol).
 
     python train.py --data refcoco --backbone ViT-B/16                 # one process, GPU or CPU
     torchrun --nproc_per_node 4 train.py --data refcoco --backbone RN101
@@ -12,7 +13,6 @@ split (sentence 0 of each ref, the full test protocol).
 Beside the recipe: exact kill-and-resume (resume.py), steps skipped when their loss or gradients are not finite
 (optimizer_step), and the device and process group (distributed.py).
 """
-import argparse
 import json
 import math
 import os
@@ -23,10 +23,10 @@ from torch.optim.lr_scheduler import MultiStepLR
 from tqdm import tqdm
 
 import distributed
-from checkpoint import checkpoint_kind, load_checkpoint
-from clip_loader import check_backbone, fetch_openai_weights
-from dataset import DATASETS, WORD_LEN, build_dataset, build_loader
-from errors import UserError, run_cli
+from checkpoint import ACCEPTED, KINDS, checkpoint_kind, load_checkpoint
+from clip_loader import BACKBONES, check_backbone, check_input_size, fetch_openai_weights
+from dataset import DATASETS, WORD_LEN, build_dataset, build_loader, default_workers
+from errors import ArgumentParser, UserError, number, run_cli
 from evaluate import evaluate, format_table, train_metric
 from loss import segmentation_loss
 from model import build_model, format_parameter_counts, parameter_counts
@@ -34,54 +34,92 @@ from resume import Checkpoints, PerSampleSeeds, Progress, ResumableSampler
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train ETRIS (frozen CLIP + Bridger + HA/GA decoder).")
+    p = ArgumentParser(description="Train ETRIS (frozen CLIP + Bridger + HA/GA decoder).")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="refcoco", choices=sorted(DATASETS))
-    g.add_argument("--data-root", default="./datasets")
-    g.add_argument("--input-size", type=int, default=416)
-    g.add_argument("--word-len", type=int, default=None, help="default: by dataset (17 RefCOCO/+, 22 G-Ref)")
-    g.add_argument("--workers", type=int, default=4, help="data loader workers per process")
+    g.add_argument("--data", default="refcoco", choices=sorted(DATASETS), help="dataset (see README: Data)")
+    g.add_argument("--data-root", default="./datasets", help="folder holding images/ and the annotations")
+    g.add_argument("--input-size", type=number(int, 1), default=416, help="images are letterboxed to this square")
+    g.add_argument("--word-len", type=number(int, 1, 77), default=None,
+                   help="tokens per sentence (default: by dataset, 17 RefCOCO/+, 22 G-Ref)")
+    g.add_argument("--workers", type=number(int, 0), default=default_workers(),
+                   help="data loader workers per process (default: the CPUs this process may use, shared by the "
+                        "node's processes, at most 4: %(default)s here)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images/masks, count them, report them")
-    g.add_argument("--train-samples", type=int, default=None, help="use only this many training refs")
-    g.add_argument("--val-samples", type=int, default=None, help="use only this many validation refs")
+    g.add_argument("--train-samples", type=number(int, 1), default=None,
+                   help="use only this many training refs (default: all)")
+    g.add_argument("--val-samples", type=number(int, 1), default=None,
+                   help="use only this many validation refs (default: all)")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="ViT-B/16", help="ViT-B/16 | RN50 | RN101 | tiny-ViT | tiny-RN")
-    g.add_argument("--clip-weights", default=None, help="OpenAI CLIP archive or state dict (default: by name)")
+    g.add_argument("--backbone", default="ViT-B/16", help=f"one of {', '.join(BACKBONES)}")
+    g.add_argument("--clip-weights", default=None,
+                   help="OpenAI CLIP archive or state dict (default: OpenAI's, found or downloaded by --backbone)")
     g.add_argument("--weights", default=None,
                    help="start from these model weights (ours or the authors' release) with a fresh schedule")
-    g.add_argument("--bridger-dim", type=int, default=64, help="the Bridger's width d")
-    g.add_argument("--bridger-stages", type=int, nargs="*", default=[0, 1, 2], help="none: no Bridger (ablation)")
+    g.add_argument("--bridger-dim", type=number(int, 1), default=64, help="the Bridger's width d")
+    g.add_argument("--bridger-stages", type=int, nargs="*", choices=[0, 1, 2], default=[0, 1, 2],
+                   help="the stages with a Bridger; none: no Bridger (ablation)")
     g.add_argument("--zoom", default="conv", choices=["conv", "linear", "mlp"], help="Bridger zoom layers")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in GA and the ResNet Bridger (the paper: 0.1)")
+    g.add_argument("--dropout", type=number(float, 0, 1, high_open=True), default=0.1,
+                   help="dropout in GA and the ResNet Bridger")
     g.add_argument("--frozen-bn-stats", action="store_true", help="keep the ResNet BN running stats frozen")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute the frozen CLIP blocks in backward instead of storing them (less memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward (long GPU runs)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=50)
-    g.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch, split across processes")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--milestones", type=int, nargs="+", default=[35])
-    g.add_argument("--lr-decay", type=float, default=0.1)
+    g.add_argument("--epochs", type=number(int, 1), default=50, help="passes over the training refs")
+    g.add_argument("--batch-size", type=number(int, 1), default=32, help="GLOBAL batch, split across processes")
+    g.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-4, help="Adam's learning rate")
+    g.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="Adam's weight decay")
+    g.add_argument("--milestones", type=number(int, 1), nargs="+", default=[35],
+                   help="epochs after which the learning rate is multiplied by --lr-decay")
+    g.add_argument("--lr-decay", type=number(float, 0, low_open=True), default=0.1, help="MultiStepLR's gamma")
     g.add_argument("--amp", choices=["fp16", "bf16", "off"], default=None,
-                   help="default: fp16 (with GradScaler) on CUDA, off on CPU")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    g.add_argument("--max-nonfinite", type=int, default=20,
+                   help="mixed precision (default: fp16 with GradScaler on CUDA, off on the CPU)")
+    g.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), default=0, help="seed of every process")
+    g.add_argument("--max-steps", type=number(int, 1), default=None,
+                   help="stop after this many optimizer steps in total (default: no limit)")
+    g.add_argument("--max-nonfinite", type=number(int, 1), default=20,
                    help="stop after this many skipped (non-finite) steps in a row; checked at each log step")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels, no cuDNN autotuning (slower; see docs/gpus.md: determinism)")
     g = p.add_argument_group("run")
-    g.add_argument("--output", default=None, help="default: exp/<data>/<backbone>")
+    g.add_argument("--output", default=None, help="folder for checkpoints and metrics (default: exp/<data>/<backbone>)")
     g.add_argument("--resume", default=None, help="'auto' (the output folder's last.pth, if any) or a path")
-    g.add_argument("--save-every-steps", type=int, default=0, help="also write last.pth every N steps")
-    g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates")
+    g.add_argument("--save-every-steps", type=number(int, 0), default=0,
+                   help="also write last.pth every N steps (0: at the end of each epoch only)")
+    g.add_argument("--log-every", type=number(int, 1), default=20, help="steps between progress-bar updates")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     args = p.parse_args(argv)
     args.output = args.output or os.path.join("exp", args.data, args.backbone.replace("/", "-"))
     args.word_len = args.word_len or WORD_LEN[args.data]
+    check_arguments(args)
     return args
+
+
+def check_arguments(args):
+    """What can be checked from the options and the files they name alone, before any data, download or process
+    group: a mistake fails at once, the same on every process of a torchrun job."""
+    check_backbone(args.backbone)
+    if args.clip_weights is None:  # given weights carry their own patch size, checked when the model is built
+        check_input_size(args.backbone, args.input_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by {world} processes: give a "
+                        f"multiple of {world}")
+    for option, path in (("--clip-weights", args.clip_weights), ("--weights", args.weights)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{option} {path}: no such file")
+    if args.clip_weights is not None:
+        kind = checkpoint_kind(args.clip_weights)
+        if kind in ("etris", "etris-authors"):
+            raise UserError(f"--clip-weights {args.clip_weights!r} is an ETRIS checkpoint, not CLIP weights: pass it "
+                            f"as --weights to start from it, or --resume to continue its run")
+    if args.weights is not None:
+        kind = checkpoint_kind(args.weights)
+        if kind not in ("etris", "etris-authors"):
+            raise UserError(f"--weights {args.weights!r} is not an ETRIS checkpoint (ours or the authors' release)" +
+                            (": it holds CLIP weights, pass it as --clip-weights" if kind == "clip" else
+                             f" ({KINDS[kind]}): give {ACCEPTED}"))
 
 
 # -----------------------------------------------------------------------------
@@ -181,8 +219,6 @@ def train_one_epoch(model, loader, optimizer, scaler, meters, progress, checkpoi
 def build_data(args, proc):
     """The training and validation loaders. The data is read first, before any CLIP download, so that a missing
     dataset is reported at once."""
-    if args.batch_size % proc.world:
-        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by {proc.world} processes")
     common = dict(root=args.data_root, input_size=args.input_size, word_len=args.word_len, skip_bad=args.skip_bad,
                   seed=args.seed, verbose=proc.main)
     train_set = build_dataset(args.data, "train", num_samples=args.train_samples, **common)
@@ -197,20 +233,12 @@ def build_data(args, proc):
 
 def build_net(args, proc):
     """ETRIS with the frozen CLIP (downloaded by one process per node), optionally starting from --weights."""
-    check_backbone(args.backbone)  # before any download
-    if args.clip_weights is not None and checkpoint_kind(args.clip_weights) in ("etris", "etris-authors"):
-        raise UserError(f"--clip-weights {args.clip_weights!r} is an ETRIS checkpoint, not CLIP weights: pass it "
-                        f"as --weights to start from it, or --resume to continue its run")
     if args.clip_weights is None and not args.backbone.startswith("tiny-"):
         distributed.on_each_node_first(lambda: fetch_openai_weights(args.backbone))
     net = build_model(args.backbone, args.clip_weights, args.input_size, args.word_len, bridger_dim=args.bridger_dim,
                       bridger_stages=tuple(args.bridger_stages), zoom=args.zoom, frozen_bn_stats=args.frozen_bn_stats,
                       ga_dropout=args.dropout, bridger_dropout=args.dropout)
     if args.weights:
-        kind = checkpoint_kind(args.weights)
-        if kind not in ("etris", "etris-authors"):
-            raise UserError(f"--weights {args.weights!r} is not an ETRIS checkpoint (ours or the authors' release)" +
-                            (": it holds CLIP weights, pass it as --clip-weights" if kind == "clip" else ""))
         try:
             load_checkpoint(net, args.weights)
         except UserError as e:

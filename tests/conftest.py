@@ -1,5 +1,5 @@
 """Shared test setup: import the flat modules from the repository root, keep torch to the CI's two cores, run the
-CUDA tests last, and make sure that no other test touches CUDA, also where a GPU is present."""
+CUDA tests last, and make sure that no other test uses CUDA, also where a GPU is present."""
 import os
 import sys
 
@@ -15,7 +15,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-HAS_CUDA = torch.cuda.is_available()  # read before the fake below
+
+# Where there is a GPU, this process sees it from here on, whatever the CPU tests below hide from their subprocesses
+# (CUDA reads CUDA_VISIBLE_DEVICES once, when it starts).
+torch.cuda.is_available()
+
+import distributed  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
@@ -26,22 +31,33 @@ class CudaTouched(RuntimeError):
     pass
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cuda_faked_where_there_is_none():
-    """On a machine without a GPU, torch says there is one, and using it raises CudaTouched: a CPU test that lets
-    torch.cuda.is_available() pick its device fails here as it would on a GPU machine, where it would move the
-    test's tensors to the GPU."""
-    if HAS_CUDA:
+def cuda_allocations():
+    """How many CUDA allocations this process has made (0 while CUDA is not initialised). torch itself may initialise
+    CUDA from a CPU test where a GPU exists (Adam.step asks the current CUDA stream whether it is being captured),
+    so the guard counts allocations: a CPU test must not put a tensor on the GPU."""
+    if not torch.cuda.is_initialized():
+        return 0
+    return torch.cuda.memory_stats().get("allocation.all.allocated", 0)
+
+
+@pytest.fixture(autouse=True)
+def cpu_tests_leave_cuda_alone(request, monkeypatch):
+    """A CPU test must choose its device. Where it would let the command lines' default choose (CUDA wherever there
+    is a GPU), it fails at once, on every machine and with either torch build; where it puts a tensor on the GPU,
+    it fails at its end. tests/test_guard.py shows both catches. The processes such a test starts see no GPU, so
+    they run as on a machine without one."""
+    if "cuda" in request.keywords:
         yield
         return
 
-    def touched(*args, **kwargs):
-        raise CudaTouched("a CPU test touched CUDA: give it a CPU device (--device cpu, device='cpu')")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cuda, "is_available", lambda: True)
-        patch.setattr(torch.cuda, "device_count", lambda: 1)
-        patch.setattr(torch.cuda, "_lazy_init", touched)
-        yield
+    def default_device():
+        raise CudaTouched(f"{request.node.nodeid} left its device to the default (CUDA wherever there is a GPU): "
+                          f"give it a CPU device (--device cpu, device='cpu')")
+    monkeypatch.setattr(distributed, "default_device", default_device)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    before = cuda_allocations()
+    yield
+    assert cuda_allocations() == before, f"{request.node.nodeid} put tensors on the GPU: give it a CPU device"
 
 
 @pytest.fixture
@@ -59,10 +75,3 @@ def kernel_settings_restored():
     torch.backends.cuda.enable_cudnn_sdp(saved[6])
     if saved[7] is None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-
-
-@pytest.fixture(autouse=True)
-def cpu_tests_leave_cuda_alone(request):
-    yield
-    if "cuda" not in request.keywords:
-        assert not torch.cuda.is_initialized(), f"{request.node.nodeid} touched CUDA: give it a CPU device"

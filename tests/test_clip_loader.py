@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import urllib.error
+import warnings
 
 import pytest
 import torch
@@ -67,7 +68,10 @@ def test_torchscript_fp16_archive(vit_sd, tmp_path):
 
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.trace(Archive(), torch.ones((), dtype=torch.half)).save(str(path))
-    sd = C.load_clip_state_dict(str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd = C.load_clip_state_dict(str(path))
+    assert [str(w.message) for w in caught] == []  # torch 2.14 deprecates torch.jit.load, with a FutureWarning
     assert set(sd) == set(vit_sd) | {"input_resolution"}
     for k, v in vit_sd.items():
         assert sd[k].dtype == torch.float32
@@ -82,7 +86,10 @@ def test_state_dict_files(rn_sd, tmp_path, wrap):
     obj = half if wrap is None else {wrap: half, "epoch": 3}
     path = tmp_path / "clip.pth"
     torch.save(obj, path)
-    sd = C.load_clip_state_dict(str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd = C.load_clip_state_dict(str(path))
+    assert [str(w.message) for w in caught] == []  # no torch.jit.load tried first: it warns from torch 2.14 on
     assert set(sd) == set(rn_sd)
     for k, v in rn_sd.items():
         assert sd[k].dtype == v.dtype

@@ -158,7 +158,7 @@ def test_cli_writes_json_and_overlays_next_to_checkpoint(tiny, tmp_path):
     assert len(pngs) == 2
     h, w = ds[0]["orig_size"]
     vis = cv2.imread(str(tmp_path / "vis_synthetic_test" / pngs[0]))
-    assert vis.shape == (round(h * 384 / w) + 28, 384, 3) if w < 384 else (h + 28, w, 3)  # + caption band
+    assert vis.shape == (round(h * 384 / w) + 52, 384, 3) if w < 384 else (h + 52, w, 3)  # + caption and legend
 
 
 def test_load_model_ours_authors_and_wrong_files(tiny, tmp_path):

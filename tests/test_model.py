@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (torch 2.6's checkpoint imports it on first use, making CPU tensors)
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -15,6 +16,7 @@ from errors import UserError
 from layers import GatedCrossAttention, TransformerInteractor
 from loss import segmentation_loss
 from model import build_model, format_parameter_counts, parameter_counts, print_shape_walk, shape_walk
+from tokenizer import tokenize
 from tools.parity import fill_
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -412,7 +414,8 @@ class StrayTensors(torch.overrides.TorchFunctionMode):
                 stack.extend(x)
             elif isinstance(x, dict):
                 stack.extend(x.values())
-            elif isinstance(x, torch.Tensor) and x.device != self.device:
+            elif isinstance(x, torch.Tensor) and x.device != self.device and x.numel():  # (torch 2.6's checkpoint
+                # makes an empty CPU tensor as a marker: no data, so no copy)
                 self.strays.append((getattr(func, "__name__", str(func)), tuple(x.shape), str(x.device)))
         return out
 
@@ -474,27 +477,42 @@ def test_dropouts_are_in_the_config_and_the_config_rebuilds_the_model(clip_rn, t
 @pytest.mark.parametrize("backbone", ["tiny-ViT", "tiny-RN"])
 def test_shape_walk_gives_the_models_own_shapes_and_counts(backbone, clip_vit, clip_rn, capsys):
     net = tiny(backbone, clip_vit if backbone == "tiny-ViT" else clip_rn)
-    rows = shape_walk(net, "the red circle")
+    rows = shape_walk(net, "the red circle", image=images_for()[:1])
     counts = parameter_counts(net)
     assert sum(r["trainable"] for r in rows) == counts["trainable"]  # every parameter counted once
     assert sum(r["frozen"] for r in rows) == counts["frozen"]
     assert sum(r["trainable"] for r in rows if r["block"].startswith("  Bridger")) == counts["bridger"]
+    assert (rows[-1]["trainable"], rows[-1]["frozen"]) == (0, 1)  # logit_scale, all that ETRIS leaves unused
     c, g = net.config, SIZE // 16
     by_symbol = {r["symbol"]: r["shape"] for r in rows if r["symbol"]}
     strides = (2, 1, 2) if backbone == "tiny-RN" else (1, 1, 1)
-    expected = {"f_t": (1, WORD_LEN, c.text_dim), "f_s": (1, c.embed_dim), "F_v": (1, c.text_dim, g, g),
-                "F_c": (1, c.text_dim, g, g), "Z_c": (1, c.text_dim // 2, SIZE // 4, SIZE // 4),
-                "Z_t": (1, c.text_dim // 2 * 9 + 1)}
+    expected = {"f_t": (1, WORD_LEN, c.text_dim), "f_s": (1, c.embed_dim), "F_m": (1, c.text_dim, g, g),
+                "F_coord": (1, 2, g, g), "F_v": (1, c.text_dim, g, g), "F_c": (1, c.text_dim, g, g),
+                "Z_c": (1, c.text_dim // 2, SIZE // 4, SIZE // 4), "Z_t": (1, c.text_dim // 2 * 9 + 1)}
     for i, (dim, stride) in enumerate(zip(c.vision_dims, strides)):
         side = g * stride if i == 0 else g // stride  # ResNet: layer2 at stride 8, layer4 at stride 32
-        expected[f"f_v^{i + 1}"] = (1, dim, side, side)
-        expected[f"f_t^{i + 1}"] = (1, WORD_LEN, c.text_dim)
-        expected[f"hat F_v^{i + 1}"] = (1, c.bridger_dim, g, g)  # every stage interacts at stride 16
-    expected["f_v^3 (HA input)"] = (1, c.embed_dim, g // strides[2], g // strides[2])
+        expected[f"F_v^{i + 2}"] = (1, dim, side, side)  # the paper's prose counts the stages from 2
+        expected[f"F_t^{i + 2}"] = (1, WORD_LEN, c.text_dim)
+        expected[f"hat F_v^{i + 2}"] = (1, c.bridger_dim, g, g)  # every stage interacts at stride 16
+        expected[f"f_v^{i + 1}"] = (1, dim, side, side) if i < 2 else (1, c.embed_dim, side, side)
     assert by_symbol == expected
+
+    # the rows show the tensors HA and GA receive: recorded here by hooks of our own, in a forward of the same input
+    received = {}
+    net.neck.register_forward_pre_hook(lambda m, args: received.update(ha=[x.clone() for x in args[0]]))
+    net.decoder.register_forward_pre_hook(lambda m, args: received.update(ga_words=args[1].clone()))
     with torch.no_grad():
-        logits = net.eval()(images_for()[:1], tokens_for()[:1])
-    assert rows[-2]["block"] == "Projector: mask logits" and rows[-2]["shape"] == tuple(logits.shape)
+        logits = net.eval()(images_for()[:1], tokenize("the red circle", WORD_LEN, truncate=True))
+    row = {r["symbol"]: r["tensor"] for r in rows if r["symbol"]}
+    for i in range(3):
+        assert torch.equal(row[f"f_v^{i + 1}"], received["ha"][i])
+    for i in range(2):  # HA reads the maps after the Bridger's residual, which differ from the maps it was given
+        assert not torch.equal(row[f"F_v^{i + 2}"], received["ha"][i])
+    ga_row = next(r for r in rows if r["block"].startswith("GA reads"))
+    assert ga_row["symbol"] == "f_t" and torch.equal(ga_row["tensor"], received["ga_words"])
+    xs = torch.linspace(-1, 1, g).expand(g, g)  # F_coord: x grows along a row, y down a column
+    assert torch.equal(row["F_coord"], torch.stack([xs, xs.t()])[None])
+    assert rows[-2]["block"] == "Projector: mask logits" and torch.equal(rows[-2]["tensor"], logits)
     print_shape_walk(net, "the red circle")
     printed = capsys.readouterr().out
     assert f"[1, {c.text_dim}, {g}, {g}]" in printed and printed.rstrip().endswith(

@@ -1,5 +1,7 @@
 """Tests of predict.py: masks come back at the original resolution, equal the evaluation protocol's mask for
 the same image and sentence, the CLI writes mask + overlay PNGs, and bad input is one clear error."""
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -42,16 +44,30 @@ def test_cli_writes_mask_and_overlay_at_original_size(tiny, tmp_path):
     image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)  # not square: exercises the letterbox
     path = str(tmp_path / "photo.png")
     cv2.imwrite(path, image)
-    mask = main(["--checkpoint", ck, "--image", path, "--text", "the red circle", "--out-dir", str(tmp_path / "o"),
+    mask = main(["--checkpoint", ck, "--image", path, "--text", "The red circle!", "--out", str(tmp_path / "o"),
                  "--device", "cpu", "--threshold", "0.3"])
-    written = cv2.imread(str(tmp_path / "o" / "photo_mask.png"), cv2.IMREAD_UNCHANGED)
+    written = cv2.imread(str(tmp_path / "o" / "photo_the-red-circle_mask.png"), cv2.IMREAD_UNCHANGED)
     assert written.shape == (50, 70) and set(np.unique(written)) <= {0, 255}
     assert np.array_equal(written > 0, mask)
-    assert np.array_equal(mask, predict(ck, cv2.cvtColor(image, cv2.COLOR_BGR2RGB), "the red circle", 0.3, "cpu"))
-    overlay = cv2.imread(str(tmp_path / "o" / "photo_overlay.png"))
-    assert overlay.shape[1] == 384 and overlay.shape[0] == round(50 * 384 / 70) + 28
+    assert np.array_equal(mask, predict(ck, cv2.cvtColor(image, cv2.COLOR_BGR2RGB), "The red circle!", 0.3, "cpu"))
+    overlay = cv2.imread(str(tmp_path / "o" / "photo_the-red-circle_overlay.png"))
+    assert overlay.shape[1] == 384 and overlay.shape[0] > round(50 * 384 / 70)  # enlarged, with a caption
     gray = predict(ck, image[:, :, 0], "the red circle", device="cpu")  # gray arrays are accepted
     assert gray.shape == (50, 70)
+
+
+def test_cli_writes_next_to_the_image_and_never_over_an_earlier_result(tiny, tmp_path, monkeypatch):
+    _, ck = tiny
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "photo.jpg"), np.full((30, 40, 3), 90, np.uint8))
+    monkeypatch.chdir(tmp_path)  # the current folder gets nothing
+    for _ in range(3):
+        main(["--checkpoint", ck, "--image", "images/photo.jpg", "--text", "the red circle", "--device", "cpu"])
+    assert sorted(os.listdir(tmp_path / "images")) == [
+        "photo.jpg", "photo_the-red-circle_2_mask.png", "photo_the-red-circle_2_overlay.png",
+        "photo_the-red-circle_3_mask.png", "photo_the-red-circle_3_overlay.png", "photo_the-red-circle_mask.png",
+        "photo_the-red-circle_overlay.png"]
+    assert sorted(os.listdir(tmp_path)) == ["images"]
 
 
 def test_bad_input_is_a_clear_error(tiny, tmp_path):

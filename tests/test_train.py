@@ -251,8 +251,9 @@ def test_wrong_files_and_batch_are_clear_errors(tmp_path, monkeypatch):
         train.main(QUICK + ["--clip-weights", ours, "--output", str(tmp_path / "x")])
     with pytest.raises(UserError, match="missing.pth"):
         train.main(QUICK + ["--resume", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "x")])
+    monkeypatch.setenv("WORLD_SIZE", "3")  # checked with the options, before any process group or data
     with pytest.raises(UserError, match="not divisible by 3"):
-        train.build_data(train.parse_args(QUICK + ["--batch-size", "4"]), train.distributed.Process(world=3))
+        train.parse_args(QUICK + ["--batch-size", "4"])
 
 
 def test_compile_wraps_the_training_forward_only(tmp_path, monkeypatch):

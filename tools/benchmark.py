@@ -1,7 +1,7 @@
 """
 Speed and memory of ETRIS, beside the recipe: the whole model of paper Fig. 2 on random CLIP weights of the real
 shapes (no download), optionally side by side with the authors' released code on the same weights; and the GPU
-check, one prepared script for a GPU lease.
+check, one prepared script for a short time on a GPU machine.
 
 One configuration (backbone, input size, batch, device, options) gives:
 - train: the real training step (train.optimizer_step: forward, BCE, backward, GradScaler, fused Adam) in
@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import statistics
@@ -46,6 +47,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: its modules, train.py, tests/
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from errors import ArgumentParser, UserError, number, run_cli  # noqa: E402
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the authors' config/refcoco/bridge_*.yaml values for the side-by-side model
 AUTHORS_CFG = {
@@ -98,28 +100,25 @@ def host_syncs(fn):
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def forced_sync_batchnorm(net, device):
-    """net with every BatchNorm a SyncBatchNorm that takes its synchronising path (all-gather the statistics,
-    then drop empty ranks' entries with a mask, which waits for the GPU) even in this one-process NCCL group,
-    where nn.SyncBatchNorm would fall back to plain batch norm: what SyncBN costs each step of a multi-GPU run
-    (train.py converts the whole model, the frozen backbone's train-mode BNs included), measured on one GPU."""
-    import torch.distributed as dist
+class ForcedSyncBatchNorm(torch.nn.SyncBatchNorm):
+    """A SyncBatchNorm that takes its synchronising path (all-gather the statistics, then drop empty ranks'
+    entries with boolean masks) also in a one-process group, where nn.SyncBatchNorm falls back to plain batch
+    norm: what SyncBN does each step of a multi-GPU run, on one GPU."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        import torch.distributed as dist
+        from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
+        self.num_batches_tracked.add_(1)
+        return sync_batch_norm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                     self.momentum, dist.group.WORLD, 1)
+
+
+def force_sync_batchnorm(net):
+    """net with every BatchNorm a ForcedSyncBatchNorm (train.py converts the whole model under torchrun on GPUs,
+    the frozen backbone's train-mode BNs included). Needs a process group."""
     import torch.nn as nn
-    from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
-    if device.type != "cuda":
-        raise SystemExit("--syncbn needs a CUDA device (SyncBatchNorm runs on GPUs only)")
-
-    class ForcedSyncBatchNorm(nn.SyncBatchNorm):
-        def forward(self, x):
-            if not self.training:
-                return super().forward(x)
-            self.num_batches_tracked.add_(1)
-            return sync_batch_norm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
-                                         self.momentum, dist.group.WORLD, 1)
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    dist.init_process_group("nccl", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1,
-                            device_id=torch.device("cuda", index))
     net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     for m in net.modules():
         if type(m) is nn.SyncBatchNorm:
@@ -127,9 +126,20 @@ def forced_sync_batchnorm(net, device):
     return net
 
 
+def forced_sync_batchnorm(net, device):
+    """force_sync_batchnorm in a one-process NCCL group: what SyncBN costs each step, measured on one GPU."""
+    import torch.distributed as dist
+    if device.type != "cuda":
+        raise SystemExit("--syncbn needs a CUDA device (SyncBatchNorm runs on GPUs only)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    dist.init_process_group("nccl", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1,
+                            device_id=torch.device("cuda", index))
+    return force_sync_batchnorm(net)
+
+
 def batchnorm_forwards(backbone, grad_checkpointing, input_size=64):
     """Train-mode BatchNorm forwards in one training step (forward and backward): under torchrun on GPUs each is
-    a SyncBatchNorm forward, which makes the host wait for the GPU once."""
+    a SyncBatchNorm forward."""
     import torch.nn as nn
     from clip_loader import random_clip_state_dict
     from loss import segmentation_loss
@@ -144,6 +154,92 @@ def batchnorm_forwards(backbone, grad_checkpointing, input_size=64):
                                        torch.device("cpu"))
     segmentation_loss(net(images, tokens), mask).backward()
     return len(calls)
+
+
+def host_waits_counted_on_the_cpu(backbone, grad_checkpointing, syncbn, input_size=64):
+    """The ops of one training step (forward and backward) that would make the host wait for a GPU, counted on the
+    CPU: a boolean-mask index (CUDA computes its nonzero and copies the count to the host), nonzero,
+    masked_select, .item(). syncbn: every BatchNorm on SyncBatchNorm's synchronising path, torch's own code run
+    in a one-process gloo group, its five CUDA-only kernels computed by CPU stand-ins (_SYNCBN_KERNELS). CUDA's
+    sync debug mode (host_syncs, in the GPU check) counts the same thing on a GPU."""
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented hook for every aten op
+    from clip_loader import random_clip_state_dict
+    from loss import segmentation_loss
+    from model import build_model
+    aten = torch.ops.aten
+    waits = {aten.nonzero.default, aten.masked_select.default, aten._local_scalar_dense.default}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in waits or (func is aten.index.Tensor and any(
+                    i is not None and i.dtype == torch.bool for i in args[1])):
+                self.n += 1
+            return _SYNCBN_KERNELS.get(func, func)(*args, **(kwargs or {}))
+    net = build_model(backbone, random_clip_state_dict(backbone), input_size, 17).set_grad_checkpointing(
+        grad_checkpointing).train()
+    images, tokens, mask = make_inputs(types.SimpleNamespace(batch_size=2, input_size=input_size, word_len=17),
+                                       torch.device("cpu"))
+    if syncbn:
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1)
+        net = force_sync_batchnorm(net)
+    try:
+        with Count() as count:
+            count.n = 0
+            segmentation_loss(net(images, tokens), mask).backward()
+    finally:
+        if syncbn:
+            dist.destroy_process_group()
+    return count.n
+
+
+def _channel_view(t, like):
+    return None if t is None else t.view([1, -1] + [1] * (like.dim() - 2))
+
+
+def _bn_sums(x, *tensors):
+    return [t.sum([0] + list(range(2, x.dim()))) for t in tensors]
+
+
+def _gather_stats_with_counts(x, means, invstds, running_mean, running_var, momentum, eps, counts):
+    counts = counts.view(-1, 1)
+    n = counts.sum()
+    mean = (means * counts).sum(0) / n
+    var = ((invstds ** -2 - eps + (means - mean) ** 2) * counts).sum(0) / n
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(momentum * mean)
+        running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))
+    return mean, (var + eps).rsqrt()
+
+
+def _backward_reduce(dy, x, mean, invstd, weight, input_g, weight_g, bias_g):
+    sum_dy, sum_dy_xmu = _bn_sums(x, dy, dy * (x - _channel_view(mean, x)))
+    return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd if weight_g else None, sum_dy if bias_g else None
+
+
+def _backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    n = count.sum()
+    mean, invstd, sum_dy, sum_dy_xmu = (_channel_view(t, x) for t in (mean, invstd, sum_dy, sum_dy_xmu))
+    scale = invstd if weight is None else invstd * _channel_view(weight, x)
+    return (dy - sum_dy / n - (x - mean) * invstd ** 2 * sum_dy_xmu / n) * scale
+
+
+def _elemt(x, weight, bias, mean, invstd, eps):
+    y = (x - _channel_view(mean, x)) * _channel_view(invstd, x)
+    return y * _channel_view(weight, x) + _channel_view(bias, x) if weight is not None else y
+
+
+def _stats(x, eps):
+    var, mean = torch.var_mean(x, [0] + list(range(2, x.dim())), correction=0)
+    return mean, (var + eps).rsqrt()
+
+
+# CPU stand-ins for the CUDA-only kernels of torch's SyncBatchNorm (torch/nn/modules/_functions.py)
+_SYNCBN_KERNELS = {torch.ops.aten.batch_norm_stats.default: _stats,
+                   torch.ops.aten.batch_norm_gather_stats_with_counts.default: _gather_stats_with_counts,
+                   torch.ops.aten.batch_norm_elemt.default: _elemt,
+                   torch.ops.aten.batch_norm_backward_reduce.default: _backward_reduce,
+                   torch.ops.aten.batch_norm_backward_elemt.default: _backward_elemt}
 
 
 def machine(device):
@@ -621,35 +717,111 @@ def memory_estimate(backbones=("ViT-B/16", "RN50", "RN101"), input_size=416, amp
 
 # ----------------------------------------------------------------------------- the GPU check
 
-def check_configs(a, device):
-    """(backbone, batch, amp, cuDNN, compile, SyncBN forced) of the training-step figures: the ViT at the authors'
-    per-GPU batch 8 and at 32, fp16 and bf16, cuDNN off (as the authors' train.py runs) and on; RN101, the
-    backbone with the most BatchNorms, without and with SyncBN's synchronising path (what torchrun's SyncBN costs
-    a step); torch.compile last (the slowest to start)."""
+def check_parts(a, device):
+    """The GPU check's parts in order of value, each (name, seconds it is expected to take on one H100-class GPU,
+    step configuration or None): the CUDA tests, kill-and-resume under torchrun, then the training-step rows people
+    quote (ViT-B/16 at the authors' per-GPU batch 8; RN101, the backbone with the most BatchNorms, without and
+    with SyncBN's synchronising path, whose difference is what SyncBN costs a multi-GPU step; cuDNN off, as the
+    authors' train.py runs; batch 32 in fp16 and bf16), the authors' step side by side, and torch.compile last, the
+    slowest to start. A step configuration: (backbone, batch, amp, cuDNN, compile, SyncBN forced). The expected
+    seconds are docs/gpus.md's timeline."""
     if device.type != "cuda":  # the plumbing, tested on the CPU
-        return [(a.backbone, 2, "off", True, False, False), (a.backbone, 2, "bf16", True, False, False)]
+        return [("tests", 30, None), ("resume", 60, None),
+                ("step-fp32", 20, (a.backbone, 2, "off", True, False, False)),
+                ("step-bf16", 20, (a.backbone, 2, "bf16", True, False, False)), ("authors", 60, None)]
     vit = a.backbone
-    return [(vit, 8, "fp16", True, False, False), ("RN101", 8, "fp16", True, False, False),
-            ("RN101", 8, "fp16", True, False, True), (vit, 8, "fp16", False, False, False),
-            (vit, 32, "fp16", True, False, False), (vit, 32, "bf16", True, False, False),
-            (vit, 32, "bf16", True, True, False)]
+    return [("tests", 100, None), ("resume", 40, None),
+            ("vit8-fp16", 30, (vit, 8, "fp16", True, False, False)),
+            ("rn101-fp16", 20, ("RN101", 8, "fp16", True, False, False)),
+            ("rn101-fp16-syncbn", 20, ("RN101", 8, "fp16", True, False, True)),
+            ("vit8-fp16-cudnn-off", 20, (vit, 8, "fp16", False, False, False)),
+            ("vit32-fp16", 25, (vit, 32, "fp16", True, False, False)),
+            ("vit32-bf16", 25, (vit, 32, "bf16", True, False, False)),
+            ("authors", 60, None),
+            ("vit32-bf16-compile", 150, (vit, 32, "bf16", True, True, False))]
 
 
-def run_logged(cmd, report, timeout, **kwargs):
-    """Run cmd; its output's last lines go into the report. Returns the CompletedProcess (None on timeout)."""
-    try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
-    except subprocess.TimeoutExpired:
-        report(f"    (stopped after {timeout:.0f} s)")
-        return None
-    tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
-    report("    " + "\n    ".join(tail))
-    return done
+def chosen_parts(selection, names, status):
+    """The part names that --parts selects: 'all'; 'failed': those of the last runs (the status file) that failed,
+    timed out, were skipped for time or never ended (the run was killed); or a comma list of names."""
+    if selection == "all":
+        return list(names)
+    if selection == "failed":
+        return [n for n in names if status.get(n, {}).get("status") in ("failed", "timed out", "skipped", "started")]
+    asked = selection.split(",")
+    unknown = [n for n in asked if n not in names]
+    if unknown:
+        raise UserError(f"--parts: unknown part(s) {', '.join(unknown)}; the parts are all, failed, or some of "
+                         f"{', '.join(names)}")
+    return asked
 
 
-def killed_and_resumed_run(a, folder, report, timeout, env=None):
+def logged_run(cmd, log, timeout, env=None, cwd=ROOT):
+    """Run cmd (in its own process group) with all its output appended to the file `log`; its exit code, or None
+    if it ran past `timeout` seconds, when the whole group is killed (mp.spawn's and torchrun's children too)."""
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}   # {datetime.datetime.now():%H:%M:%S}, limit {timeout:.0f} s\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
+def last_run_of(log):
+    """The output of the last logged_run into `log`."""
+    text = open(log).read()
+    return text[text.rindex("\n$ ") + 1:]
+
+
+def test_outcomes(xml_file, log):
+    """{test id: (outcome, first line of its error or skip reason)}: from pytest's --junitxml file, or, when pytest
+    was killed before writing it, from the -v lines of its log (then without the errors)."""
+    import xml.etree.ElementTree as ET
+    if not os.path.isfile(xml_file):
+        lines = re.findall(r"^(tests/\S+::.+?) (PASSED|FAILED|ERROR|SKIPPED)\b", last_run_of(log), re.M)
+        return {test: (outcome.lower(), "") for test, outcome in lines}
+    out = {}
+    for case in ET.parse(xml_file).iter("testcase"):
+        test = f"{case.get('classname').replace('.', '/')}.py::{case.get('name')}"
+        out[test] = ("passed", "")
+        for tag, outcome in (("skipped", "skipped"), ("error", "error"), ("failure", "failed")):
+            element = case.find(tag)
+            if element is not None:
+                message = (element.get("message") or element.text or "").strip()
+                out[test] = (outcome, message.splitlines()[0] if message else "")
+    return out
+
+
+def cuda_tests_part(log, timeout, env, passed_before):
+    """pytest tests/test_cuda.py, less the tests that passed before (a `--parts failed` rerun): (status, lines)."""
+    xml_file = log[:-len(".log")] + ".xml"
+    if os.path.isfile(xml_file):
+        os.remove(xml_file)
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={xml_file}",
+           "tests/test_cuda.py"] + [x for test in passed_before for x in ("--deselect", test)]
+    t0 = time.time()
+    code = logged_run(cmd, log, timeout, env)
+    outcomes = test_outcomes(xml_file, log)
+    counts = {k: sum(o == k for o, _ in outcomes.values()) for k in ("passed", "failed", "error", "skipped")}
+    failed = [(t, m) for t, (o, m) in outcomes.items() if o in ("failed", "error")]
+    reasons = sorted({m for o, m in outcomes.values() if o == "skipped"})
+    status = "timed out" if code is None else "ok" if code in (0, 5) and not failed else "failed"
+    lines = [f"- `pytest tests/test_cuda.py`" + (f" less the {len(passed_before)} tests passed before" if passed_before
+                                                 else "") +
+             f": {status}, " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + f" in {time.time() - t0:.0f} s" +
+             (f" (stopped at {timeout:.0f} s)" if code is None else "") + f"; full log {os.path.basename(log)}"]
+    lines += [f"  - FAILED {t}: {m}" for t, m in failed] + [f"  - skipped: {r}" for r in reasons]
+    passed = sorted(set(passed_before) | {t for t, (o, _) in outcomes.items() if o == "passed"})
+    return {"status": status, "passed": passed, "failed": [t for t, _ in failed]}, lines
+
+
+def killed_and_resumed_run(a, folder, log, timeout, env=None):
     """`torchrun --nproc_per_node 1 train.py --data synthetic` on random CLIP weights of the real shapes, killed
-    by SIGKILL once it has saved, then resumed with --resume auto to the end."""
+    by SIGKILL once it has saved, then resumed with --resume auto to the end: (status, lines)."""
     from clip_loader import random_clip_state_dict
     clip_file, out = os.path.join(folder, "clip.pt"), os.path.join(folder, "run")
     torch.save(random_clip_state_dict(a.backbone), clip_file)
@@ -659,106 +831,140 @@ def killed_and_resumed_run(a, folder, report, timeout, env=None):
            "--batch-size", "4", "--train-samples", "32", "--val-samples", "4", "--epochs", "2", "--workers", "2",
            "--save-every-steps", "2", "--log-every", "2", "--amp", amp, "--device", a.device, "--output", out,
            "--resume", "auto"]
-    report(f"- `{' '.join(cmd[3:])}` (via torchrun), killed after its first save, then resumed:")
     last = os.path.join(out, "last.pth")
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, env=env)
-    deadline = time.time() + timeout / 2
-    while not os.path.exists(last) and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    deadline = time.time() + timeout
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}   # to be killed after its first save\n")
+        f.flush()
+        first = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        while not os.path.exists(last) and first.poll() is None and time.time() < deadline - timeout / 2:
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     killed_at = torch.load(last, weights_only=True)["progress"]["global_step"] if os.path.exists(last) else None
-    done = run_logged(cmd, report, max(30.0, deadline + timeout / 2 - time.time()), env=env)
-    if done is not None:
-        steps = [json.loads(line)["global_step"] for line in open(os.path.join(out, "metrics.jsonl"))]
-        ok = done.returncode == 0 and "resumed from" in done.stdout and killed_at is not None and \
-            killed_at < 16 and steps == [8, 16]
-        report(f"  {'ok' if ok else 'FAILED'}: killed at step {killed_at} of 16, resumed, exit {done.returncode}, "
-               f"steps at the end of each epoch {steps}")
+    code = logged_run(cmd, log, max(30.0, deadline - time.time()), env)
+    steps = [json.loads(line)["global_step"] for line in open(os.path.join(out, "metrics.jsonl"))] \
+        if code is not None and os.path.isfile(os.path.join(out, "metrics.jsonl")) else None
+    ok = code == 0 and "resumed from" in last_run_of(log) and killed_at is not None and killed_at < 16 and \
+        steps == [8, 16]
+    status = "ok" if ok else "timed out" if code is None else "failed"
+    return {"status": status}, [
+        f"- `torchrun {' '.join(cmd[3:])}`, killed after its first save, then resumed; full log "
+        f"{os.path.basename(log)}", f"  {status}: killed at step {killed_at} of 16, resumed, exit {code}, steps at "
+                                    f"the end of each epoch {steps}"]
+
+
+STEP_HEADER = ("| part | backbone | batch | amp | cuDNN | compile | SyncBN | img/s | peak MB | host syncs/step | "
+               "eval fwd img/s | eval loop sent/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def step_row_part(a, name, config, log, timeout, env, first_row):
+    """One training-step row (tools/benchmark.py in a subprocess): (status, [table row])."""
+    backbone, batch, amp, cudnn, compiled, syncbn = config
+    cmd = [sys.executable, os.path.abspath(__file__), "--backbone", backbone, "--input-size", str(a.input_size),
+           "--batch-size", str(batch), "--amp", amp, "--device", a.device, "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--skip", "data,loader" + ("" if first_row else ",loop"), "--json",
+           "--data", a.data, "--split", a.split] + (["--root", a.root] if a.root else []) + \
+        (["--no-cudnn"] if not cudnn else []) + (["--compile"] if compiled else []) + (["--syncbn"] if syncbn else [])
+    code = logged_run(cmd, log, timeout, env)
+    output = last_run_of(log).strip().splitlines()
+    results = [json.loads(line) for line in output if line.startswith('{"train_img_s"')]
+    r = results[-1] if code == 0 and results else None
+    cells = ["-" if math.isnan(r[k]) else f"{r[k]:.{digits}f}" for k, digits in (
+        ("train_img_s", 1), ("peak_mb", 0), ("host_syncs", 0), ("eval_img_s", 1), ("loop_sent_s", 1))] if r else \
+        [f"timed out after {timeout:.0f} s" if code is None else f"failed: {output[-1][:160] if output else '?'}"]
+    first = [name, backbone, str(batch), amp, "on" if cudnn else "off", str(compiled), "forced" if syncbn else "-"]
+    status = "ok" if r else "timed out" if code is None else "failed"
+    return {"status": status}, ["| " + " | ".join(first + cells) + " |"]
 
 
 def gpu_check(a, argv):
-    """The GPU check, in this order so that a run cut off by the lease still reports the first parts: the CUDA
-    tests; a short torchrun run killed and resumed; the training step's throughput and peak memory over
-    check_configs; evaluation sentences/s for the full protocol; the authors' step when their checkout is given.
-    Every part appends to --out as soon as it ends; parts that no longer fit in --budget are skipped."""
-    start = time.time()
-    device = torch.device(a.device)
-
-    def report(line):
-        with open(a.out, "a") as f:
-            f.write(line + "\n")
-        print(line, flush=True)
-
-    def left():
-        return a.budget - (time.time() - start)
+    """The GPU check: the parts of check_parts that --parts selects, in their order, each appending its figures to
+    --out as soon as it ends (a run cut short still reports its first parts) and all its output to logs/<part>.log
+    beside it. A part whose expected time no longer fits in --budget is skipped. Each part's outcome goes to
+    --status (default: gpu_check_status.json beside --out), so that `--parts failed` reruns only what failed,
+    timed out or was skipped (of the CUDA tests, those that did not pass)."""
+    start, device = time.time(), torch.device(a.device)
+    folder = os.path.dirname(os.path.abspath(a.out))
+    os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
+    status_file = a.status or os.path.join(folder, "gpu_check_status.json")
+    status = json.load(open(status_file)) if os.path.isfile(status_file) else {}
+    parts = check_parts(a, device)
+    chosen = chosen_parts(a.parts, [n for n, _, _ in parts], status)
+    status.update({n: dict(status.get(n, {}), status="started") for n in chosen})
     # a check run on the CPU hides any GPU from its subprocesses, so that the CUDA tests skip there too
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="") if device.type == "cpu" else None
-    report(f"\n## GPU check, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n`python tools/benchmark.py {' '.join(argv)}` "
-           f"on {machine(device)}, torch {torch.__version__}\n\n1. CUDA tests (`pytest tests/test_cuda.py`):")
-    run_logged([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"], report,
-               min(150.0, left()), env=env)
-    report("\n2. Kill and resume under torchrun:")
-    with tempfile.TemporaryDirectory() as folder:
-        killed_and_resumed_run(a, folder, report, min(120.0, left()), env)
-    report(f"\n3. Training step at {a.input_size} px (median of {a.steps} steps after {a.warmup}; host syncs: "
-           f"counted in one step by CUDA's sync debug mode):\n\n"
-           "| backbone | batch | amp | cuDNN | compile | SyncBN | img/s | peak MB | host syncs/step | eval fwd img/s | "
-           "eval loop sent/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    for i, (backbone, batch, amp, cudnn, compiled, syncbn) in enumerate(check_configs(a, device)):
-        first = [backbone, str(batch), amp, "on" if cudnn else "off", str(compiled), "forced" if syncbn else "-"]
-        if left() < (150 if compiled else 40):
-            report("| " + " | ".join(first + ["skipped: out of time"] + [""] * 4) + " |")
+
+    def report(*lines):
+        with open(a.out, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+        print(*lines, sep="\n", flush=True)
+    report(f"\n## GPU check, {datetime.datetime.now():%Y-%m-%d %H:%M}\n", f"`python tools/benchmark.py "
+           f"{' '.join(argv)}` on {machine(device)}, torch {torch.__version__}; parts: {', '.join(chosen)}\n")
+    rows, in_table = 0, False
+    for name, seconds, config in parts:
+        if name not in chosen:
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--backbone", backbone, "--input-size", str(a.input_size),
-               "--batch-size", str(batch), "--amp", amp, "--device", a.device, "--steps", str(a.steps),
-               "--warmup", str(a.warmup), "--skip", "data,loader" + ("" if i == 0 else ",loop"), "--json",
-               "--data", a.data, "--split", a.split] + (["--root", a.root] if a.root else []) + \
-              (["--no-cudnn"] if not cudnn else []) + (["--compile"] if compiled else []) + \
-              (["--syncbn"] if syncbn else [])
-        try:
-            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, left()), env=env)
-            r = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
-        except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
-            r, done = None, None
-        cells = [f"{r['train_img_s']:.1f}", f"{r['peak_mb']:.0f}",
-                 "-" if math.isnan(r["host_syncs"]) else f"{r['host_syncs']:.0f}", f"{r['eval_img_s']:.1f}",
-                 f"{r['loop_sent_s']:.1f}"] if r else \
-            ["failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:120] if done else "timed out"]
-        report("| " + " | ".join(first + cells) + " |")
-    if a.authors_repo and left() > 90:
-        report("\n4. The authors' training step, side by side (fp16, batch 8, their cuDNN setting off for both):")
-        run_logged([sys.executable, os.path.abspath(__file__), "--backbone", a.backbone, "--input-size",
-                    str(a.input_size), "--batch-size", "8", "--amp", "fp16", "--no-cudnn", "--device", a.device,
-                    "--authors-repo", a.authors_repo, "--repeats", "3", "--write", a.out], report, left())
-    elif a.authors_repo:
-        report("\n4. The authors' training step: skipped, out of time")
-    else:
-        report("\n4. The authors' training step: skipped, no --authors-repo (a checkout of github.com/kkakkkka/ETRIS)")
-    report(f"\n(the check took {time.time() - start:.0f} s)")
+        log, left = os.path.join(folder, "logs", f"{name}.log"), a.budget - (time.time() - start)
+        if config and not in_table:
+            report(f"\nTraining steps at {a.input_size} px (median of {a.steps} steps after {a.warmup}; host syncs "
+                   f"counted in one step by CUDA's sync debug mode; full logs logs/<part>.log):\n", STEP_HEADER)
+        elif in_table and not config:
+            report("")
+        rows, in_table = rows + bool(config), bool(config)
+        if name == "authors" and not a.authors_repo:
+            status[name], lines = {"status": "not asked"}, ["- authors: skipped, no --authors-repo (a checkout of "
+                                                            "github.com/kkakkkka/ETRIS)"]
+        elif left < seconds:
+            status[name] = {"status": "skipped"}
+            lines = [f"| {name} | skipped: {left:.0f} s left, it takes ~{seconds} s |" if config else
+                     f"- {name}: skipped, {left:.0f} s left and it takes ~{seconds} s"]
+        else:
+            status[name], lines = run_part(a, name, config, log, min(left, 2.5 * seconds), env, status, rows == 1)
+        report(*lines)
+        with open(status_file, "w") as f:
+            json.dump(status, f, indent=1)
+    report(f"\n(the check took {time.time() - start:.0f} s; parts not ok: "
+           f"{', '.join(n for n in chosen if status[n]['status'] not in ('ok', 'not asked')) or 'none'})")
+
+
+def run_part(a, name, config, log, timeout, env, status, first_row):
+    if name == "tests":
+        passed = status.get("tests", {}).get("passed", []) if a.parts == "failed" else []
+        return cuda_tests_part(log, timeout, env, passed)
+    if name == "resume":
+        with tempfile.TemporaryDirectory() as folder:
+            return killed_and_resumed_run(a, folder, log, timeout, env)
+    if name == "authors":
+        code = logged_run([sys.executable, os.path.abspath(__file__), "--backbone", a.backbone, "--input-size",
+                           str(a.input_size), "--batch-size", "8", "--amp", "fp16", "--no-cudnn", "--device", a.device,
+                           "--authors-repo", a.authors_repo, "--repeats", "3", "--write", a.out], log, timeout, env)
+        state = "ok" if code == 0 else "timed out" if code is None else "failed"
+        return {"status": state}, [f"- authors' training step side by side (fp16, batch 8, cuDNN off for both; its "
+                                   f"row in the benchmark table below): {state}; full log {os.path.basename(log)}"]
+    return step_row_part(a, name, config, log, timeout, env, first_row)
 
 
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="ViT-B/16")
-    p.add_argument("--input-size", type=int, default=416)
-    p.add_argument("--word-len", type=int, default=17)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--eval-batch-size", type=int, default=8, help="refs per evaluate() batch (all their sentences)")
-    p.add_argument("--eval-samples", type=int, default=16, help="refs in the eval loop")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=5, help="side by side: ours/theirs alternations")
-    p.add_argument("--loop-repeats", type=int, default=2, help="side by side: eval-loop alternations")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--backbone", default="ViT-B/16", help="a backbone name of clip_loader.BACKBONES")
+    p.add_argument("--input-size", type=number(int, 16), default=416, help="image side")
+    p.add_argument("--word-len", type=number(int, 1, 77), default=17, help="tokens per sentence")
+    p.add_argument("--batch-size", type=number(int, 1), default=2, help="training batch of the step rows")
+    p.add_argument("--eval-batch-size", type=number(int, 1), default=8, help="refs per evaluate() batch (all their sentences)")
+    p.add_argument("--eval-samples", type=number(int, 1), default=16, help="refs in the eval loop")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--steps", type=number(int, 1), default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=number(int, 0), default=1, help="untimed steps first")
+    p.add_argument("--repeats", type=number(int, 1), default=5, help="side by side: ours/theirs alternations")
+    p.add_argument("--loop-repeats", type=number(int, 1), default=2, help="side by side: eval-loop alternations")
     p.add_argument("--data", default="synthetic", help="dataset of the data-included figures and the eval loop")
     p.add_argument("--root", default=None, help="its folder (a prepared folder for the authors' eval loop)")
     p.add_argument("--split", default="testA", help="eval-loop split (synthetic: test)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=number(int, 0), default=1, help="data loader workers of the data rows")
     p.add_argument("--no-fill", dest="fill", action="store_false", help="keep the random init, not parity.py's")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="off", help="autocast dtype (fp16 with GradScaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -768,16 +974,20 @@ def parse_args(argv):
     p.add_argument("--syncbn", action="store_true",
                    help="every BN a SyncBatchNorm on its synchronising path, as under torchrun (CUDA only)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: data,loop,loader")
-    p.add_argument("--profile", type=int, default=0, help="print the top N ops of one train step and one eval forward")
+    p.add_argument("--profile", type=number(int, 0), default=0, help="print the top N ops of one train step and one eval forward")
     p.add_argument("--authors-repo", default=None, help="the authors' ETRIS checkout: side-by-side comparison")
     p.add_argument("--write", default=None, help="append the result row to this markdown file (BENCHMARKS.md)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line last")
     p.add_argument("--memory-estimate", action="store_true", help="activation memory per sample, per backbone")
     p.add_argument("--gpu-check", action="store_true", help="the prepared GPU check (see gpu_check)")
     p.add_argument("--out", default="gpu_check.md", help="--gpu-check: the file its figures are appended to")
-    p.add_argument("--budget", type=float, default=400.0, help="--gpu-check: seconds it may take")
+    p.add_argument("--budget", type=number(float, 0, low_open=True), default=360.0, help="--gpu-check: seconds it may take")
+    p.add_argument("--parts", default="all", help="--gpu-check: all, failed (rerun what did not pass), or names")
+    p.add_argument("--status", default=None, help="--gpu-check: the parts' outcomes, read by --parts failed "
+                                                  "(default: gpu_check_status.json beside --out)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.authors_repo and not os.path.isdir(os.path.join(a.authors_repo, "model")):
         p.error(f"--authors-repo {a.authors_repo} has no model/ folder: give the root of a checkout of "
                 f"github.com/kkakkkka/ETRIS")
@@ -825,4 +1035,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
