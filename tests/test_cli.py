@@ -100,6 +100,8 @@ CASES = [  # (main, argv, the one line it must print)
      r"argument --threshold: 0 is not allowed: give a number > 0 and < 1"),
     (predict.main, PREDICT + ["--image", "{files}/photo.png", "--checkpoint", "x.pth", "--batch-size", "0"],
      r"unrecognized arguments: --batch-size 0 \(see predict.py --help\)"),
+    (predict.main, PREDICT + ["--image", "{files}/photo.png", "--checkpoint", "x.pth", "--input-size", "10"],
+     r"unrecognized arguments: --input-size 10 \(see predict.py --help\)"),
     (predict.main, PREDICT + ["--image", "{files}/photo.png"], r"the following arguments are required: --checkpoint"),
 ]
 
