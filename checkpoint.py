@@ -138,9 +138,10 @@ def saved_config(ckpt, path):
                         f"{sorted(ckpt['config'])} is not this version's ETRISConfig") from None
 
 
-def load_model(checkpoint, backbone=None, clip_weights=None, input_size=416, word_len=17, device="cpu"):
-    """ETRIS rebuilt from a checkpoint, in eval mode. Ours carry their config; the authors' carry none, so
-    `backbone` (and `clip_weights`, unless OpenAI's file is found by name) must be given."""
+def load_model(checkpoint, backbone=None, clip_weights=None, input_size=None, word_len=17, device="cpu"):
+    """ETRIS rebuilt from a checkpoint, in eval mode. Ours carry their config (an input_size given must be theirs);
+    the authors' carry none, so `backbone` (and `clip_weights`, unless OpenAI's file is found by name) must be
+    given, and input_size (default 416) and word_len are theirs."""
     if not os.path.isfile(checkpoint):
         raise UserError(f"checkpoint {checkpoint} not found: give {ACCEPTED}")
     kind = checkpoint_kind(checkpoint)
@@ -157,13 +158,16 @@ def load_model(checkpoint, backbone=None, clip_weights=None, input_size=416, wor
         if backbone is not None and backbone != config["backbone"]:
             raise UserError(f"{checkpoint!r} was trained with backbone {config['backbone']!r}, not {backbone!r}: "
                             f"drop --backbone or pass {config['backbone']!r}")
+        if input_size is not None and input_size != config["input_size"]:
+            raise UserError(f"--input-size {input_size}: {checkpoint} was trained at {config['input_size']} and runs "
+                            f"at that size; drop --input-size")
         net = model_from_config(config, clip_weights)
         load_checkpoint(net, ckpt)
     else:
         if backbone is None:
             raise UserError(f"{checkpoint!r} is an authors' checkpoint without a config: pass --backbone (ViT-B/16, "
                             f"RN50 or RN101) and --clip-weights (the OpenAI archive it used)")
-        net = build_model(backbone, clip_weights, input_size, word_len)
+        net = build_model(backbone, clip_weights, input_size or 416, word_len)
         try:
             load_checkpoint(net, checkpoint)
         except UserError as e:

@@ -40,18 +40,17 @@ _TEXT = dict(context_length=77, vocab_size=49408, transformer_width=512, transfo
 BACKBONES = tuple(ARCHITECTURES)
 
 
-def check_backbone(name):
+def check_backbone(name, input_size=None, clip_weights=None):
+    """A backbone name, and an --input-size (if given) against the patch size (ViT) or stride (ResNet) of its
+    OpenAI architecture; CLIP weights given by file carry their own patch size, checked when the model is built."""
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}: valid backbones are {', '.join(BACKBONES)}")
-
-
-def check_input_size(backbone, input_size):
-    """--input-size against the patch size (ViT) or stride (ResNet) of the backbone's OpenAI architecture."""
+    if input_size is None or clip_weights is not None:
+        return
     try:
-        check_image_size(input_size, ARCHITECTURES[backbone]["vision_patch_size"])
+        check_image_size(input_size, ARCHITECTURES[name]["vision_patch_size"])
     except ValueError as e:
-        raise UserError(f"--input-size {input_size} does not fit backbone {backbone}: {e}; 416 is the paper's") \
-            from None
+        raise UserError(f"--input-size {input_size} does not fit backbone {name}: {e}; 416 is the paper's") from None
 
 
 def random_clip_state_dict(architecture, seed=0, **changes):

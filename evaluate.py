@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import ACCEPTED, load_model
-from clip_loader import BACKBONES, check_backbone, check_input_size
+from clip_loader import BACKBONES, check_backbone
 from dataset import CLIP_MEAN, CLIP_STD, DATASETS, WORD_LEN, build_dataset, build_loader, default_workers
 from errors import ArgumentParser, UserError, number, run_cli
 
@@ -263,9 +263,7 @@ def parse_args(argv=None):
     if args.split not in DATASETS[args.data]["splits"]:
         p.error(f"--split {args.split!r} is not a split of {args.data}: {', '.join(DATASETS[args.data]['splits'])}")
     if args.backbone is not None:
-        check_backbone(args.backbone)
-        if args.clip_weights is None and args.input_size is not None:
-            check_input_size(args.backbone, args.input_size)
+        check_backbone(args.backbone, args.input_size, args.clip_weights)
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise UserError(f"--checkpoint {args.checkpoint}: no such file; give {ACCEPTED}")
     return args
@@ -279,11 +277,7 @@ def main(argv=None):
     if not os.path.isfile(checkpoint):  # the default path: nothing trained there yet
         raise UserError(f"no checkpoint at {checkpoint}: train one first (python train.py --data {args.data} ...), "
                         f"or pass --checkpoint PATH; an authors' release also needs --backbone and --clip-weights")
-    net = load_model(checkpoint, args.backbone, args.clip_weights, args.input_size or 416, WORD_LEN[args.data],
-                     proc.device)
-    if args.input_size not in (None, net.config.input_size):
-        raise UserError(f"--input-size {args.input_size}: {checkpoint} was trained at {net.config.input_size} and is "
-                        f"evaluated at that size; drop --input-size")
+    net = load_model(checkpoint, args.backbone, args.clip_weights, args.input_size, WORD_LEN[args.data], proc.device)
     dataset = build_dataset(args.data, args.split, root=args.data_root, input_size=net.config.input_size,
                             word_len=net.config.word_len, mode="test", skip_bad=args.skip_bad,
                             num_samples=args.num_samples, verbose=proc.main)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_loader import BACKBONES, check_backbone, check_input_size
+from clip_loader import BACKBONES, check_backbone
 from dataset import CLIP_MEAN, letterbox_matrix, to_input
 from errors import ArgumentParser, UserError, number, run_cli
 from evaluate import masks_to_original, overlay
@@ -334,9 +334,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     args = p.parse_args(argv)
     if args.backbone is not None:
-        check_backbone(args.backbone)
-        if args.clip_weights is None and args.input_size is not None:
-            check_input_size(args.backbone, args.input_size)
+        check_backbone(args.backbone, args.input_size, args.clip_weights)
     return args
 
 
@@ -346,11 +344,8 @@ def main(argv=None):
     from predict import output_paths, read_image
     args = parse_args(argv)
     rgb = read_image(args.image)
-    net = load_model(args.checkpoint, args.backbone, args.clip_weights, args.input_size or 416, args.word_len,
+    net = load_model(args.checkpoint, args.backbone, args.clip_weights, args.input_size, args.word_len,
                      pick_device(args.device))
-    if args.input_size not in (None, net.config.input_size):
-        raise UserError(f"--input-size {args.input_size}: {args.checkpoint} was trained at {net.config.input_size} "
-                        f"and runs at that size; drop --input-size")
     expl = explain(net, rgb, args.text, args.threshold)
     stem = output_paths(args.image, args.text, args.out, endings=("_explain.png", "_explain.npz"))[0][:-len(".png")]
     shapes = save(expl, stem, args.tile)

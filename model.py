@@ -339,7 +339,7 @@ def print_shape_walk(net, sentence="the man on the left"):
 
 
 def main(argv=None):
-    from clip_loader import BACKBONES, check_input_size, random_clip_state_dict
+    from clip_loader import BACKBONES, random_clip_state_dict
     from errors import ArgumentParser, number
     p = ArgumentParser(description="Print Fig. 2 block by block: symbols, shapes, parameters.")
     p.add_argument("--backbone", default="ViT-B/16", help=f"one of {', '.join(BACKBONES)}")
@@ -348,9 +348,7 @@ def main(argv=None):
     p.add_argument("--sentence", default="the man on the left", help="the sentence tokenized for the walk")
     p.add_argument("--clip-weights", default=None, help="default: random weights of the real shapes (no download)")
     args = p.parse_args(argv)
-    check_backbone(args.backbone)
-    if args.clip_weights is None:
-        check_input_size(args.backbone, args.input_size)
+    check_backbone(args.backbone, args.input_size, args.clip_weights)
     weights = args.clip_weights or random_clip_state_dict(args.backbone)
     print_shape_walk(build_model(args.backbone, weights, args.input_size, args.word_len), args.sentence)
 

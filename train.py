@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import ACCEPTED, KINDS, checkpoint_kind, load_checkpoint
-from clip_loader import BACKBONES, check_backbone, check_input_size, fetch_openai_weights
+from clip_loader import BACKBONES, check_backbone, fetch_openai_weights
 from dataset import DATASETS, WORD_LEN, build_dataset, build_loader, default_workers
 from errors import ArgumentParser, UserError, number, run_cli
 from evaluate import evaluate, format_table, train_metric
@@ -99,9 +99,7 @@ def parse_args(argv=None):
 def check_arguments(args):
     """What can be checked from the options and the files they name alone, before any data, download or process
     group: a mistake fails at once, the same on every process of a torchrun job."""
-    check_backbone(args.backbone)
-    if args.clip_weights is None:  # given weights carry their own patch size, checked when the model is built
-        check_input_size(args.backbone, args.input_size)
+    check_backbone(args.backbone, args.input_size, args.clip_weights)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by {world} processes: give a "

@@ -180,6 +180,8 @@ def test_load_model_ours_authors_and_wrong_files(tiny, tmp_path):
         load_model(authors, backbone="tiny-RN", input_size=64)
     with pytest.raises(UserError, match="trained with backbone 'tiny-ViT'"):
         load_model(str(tmp_path / "ours.pth"), backbone="tiny-RN")
+    with pytest.raises(UserError, match=r"--input-size 96: .*ours.pth was trained at 64 and runs at that size"):
+        load_model(str(tmp_path / "ours.pth"), input_size=96)
     clip = str(tmp_path / "clip.pt")
     torch.save(random_clip_state_dict("tiny-ViT"), clip)
     with pytest.raises(UserError, match="--clip-weights"):

@@ -47,6 +47,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: its modules, train.py, tests/
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from distributed import default_device  # noqa: E402
 from errors import ArgumentParser, UserError, number, run_cli  # noqa: E402
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the authors' config/refcoco/bridge_*.yaml values for the side-by-side model
@@ -137,21 +138,27 @@ def forced_sync_batchnorm(net, device):
     return force_sync_batchnorm(net)
 
 
+def step_on_the_cpu(backbone, grad_checkpointing, input_size):
+    """A training-mode ETRIS on random CLIP weights of `backbone` and a batch of 2 for it on the CPU (images,
+    tokens, mask): what the counts below run one training step (forward and backward) of."""
+    from clip_loader import random_clip_state_dict
+    from model import build_model
+    net = build_model(backbone, random_clip_state_dict(backbone), input_size, 17).set_grad_checkpointing(
+        grad_checkpointing).train()
+    return net, make_inputs(types.SimpleNamespace(batch_size=2, input_size=input_size, word_len=17),
+                            torch.device("cpu"))
+
+
 def batchnorm_forwards(backbone, grad_checkpointing, input_size=64):
     """Train-mode BatchNorm forwards in one training step (forward and backward): under torchrun on GPUs each is
     a SyncBatchNorm forward."""
     import torch.nn as nn
-    from clip_loader import random_clip_state_dict
     from loss import segmentation_loss
-    from model import build_model
-    net = build_model(backbone, random_clip_state_dict(backbone), input_size, 17).set_grad_checkpointing(
-        grad_checkpointing).train()
+    net, (images, tokens, mask) = step_on_the_cpu(backbone, grad_checkpointing, input_size)
     calls = []
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.register_forward_hook(lambda mod, *_: calls.append(1) if mod.training else None)
-    images, tokens, mask = make_inputs(types.SimpleNamespace(batch_size=2, input_size=input_size, word_len=17),
-                                       torch.device("cpu"))
     segmentation_loss(net(images, tokens), mask).backward()
     return len(calls)
 
@@ -164,9 +171,7 @@ def host_waits_counted_on_the_cpu(backbone, grad_checkpointing, syncbn, input_si
     sync debug mode (host_syncs, in the GPU check) counts the same thing on a GPU."""
     import torch.distributed as dist
     from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented hook for every aten op
-    from clip_loader import random_clip_state_dict
     from loss import segmentation_loss
-    from model import build_model
     aten = torch.ops.aten
     waits = {aten.nonzero.default, aten.masked_select.default, aten._local_scalar_dense.default}
 
@@ -176,10 +181,7 @@ def host_waits_counted_on_the_cpu(backbone, grad_checkpointing, syncbn, input_si
                     i is not None and i.dtype == torch.bool for i in args[1])):
                 self.n += 1
             return _SYNCBN_KERNELS.get(func, func)(*args, **(kwargs or {}))
-    net = build_model(backbone, random_clip_state_dict(backbone), input_size, 17).set_grad_checkpointing(
-        grad_checkpointing).train()
-    images, tokens, mask = make_inputs(types.SimpleNamespace(batch_size=2, input_size=input_size, word_len=17),
-                                       torch.device("cpu"))
+    net, (images, tokens, mask) = step_on_the_cpu(backbone, grad_checkpointing, input_size)
     if syncbn:
         dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1)
         net = force_sync_batchnorm(net)
@@ -987,10 +989,10 @@ def parse_args(argv):
                                                   "(default: gpu_check_status.json beside --out)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.authors_repo and not os.path.isdir(os.path.join(a.authors_repo, "model")):
         p.error(f"--authors-repo {a.authors_repo} has no model/ folder: give the root of a checkout of "
                 f"github.com/kkakkkka/ETRIS")
+    a.device = a.device or default_device()
     return a
 
 
